@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from legointerp.errors import LegoInterpError
+
 
 @dataclass(frozen=True)
 class Group:
@@ -56,10 +58,10 @@ def make_group(name: str) -> Group:
     key = GROUP_ALIASES.get(name.lower(), name.lower())
     match = re.fullmatch(r"([sz])(\d+)", key)
     if match is None:
-        raise ValueError(f"unknown group {name!r}: use task1, task2, sN (symmetric, N=2..5) or zN (cyclic, N=2..64)")
+        raise LegoInterpError(f"unknown group {name!r}: use task1, task2, sN (symmetric, N=2..5) or zN (cyclic, N=2..64)")
     kind, size = match.group(1), int(match.group(2))
     if kind == "s" and 2 <= size <= 5:
         return symmetric_group(size)
     if kind == "z" and 2 <= size <= 64:
         return cyclic_group(size)
-    raise ValueError(f"group {name!r} is out of range: sN needs N in 2..5, zN needs N in 2..64")
+    raise LegoInterpError(f"group {name!r} is out of range: sN needs N in 2..5, zN needs N in 2..64")

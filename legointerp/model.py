@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformer_lens import ActivationCache, HookedRootModule
+
+from legointerp.errors import LegoInterpError
 from transformer_lens.hook_points import HookPoint
 
 
-class ConfigError(ValueError):
-    """An impossible model configuration; the message names the fix."""
+class ConfigError(LegoInterpError):
+    """An impossible model or training configuration."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from legointerp.errors import LegoInterpError
 from legointerp.groups import Group, make_group
 
 CLAUSE_LEN = 5
@@ -24,8 +25,8 @@ PAD, BOS, EOS = 0, 1, 2
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class LegoError(ValueError):
-    """Bad user input: the message names the problem and the fix."""
+class LegoError(LegoInterpError):
+    """A malformed sentence or task config."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TaskConfig:
     n: int = 12
     alphabet: str = string.ascii_lowercase
     heldout_alphabet: str = string.ascii_uppercase
-    random_root: bool = True
+    random_root: bool = False  # the paper fixes the root to the identity literal (a=+1)
     equals: str = "="
     separator: str = ";"
     op_symbols: tuple[str, ...] = ()

@@ -1,0 +1,201 @@
+"""``legointerp``: train, evaluate and inspect LEGO transformers from the shell.
+
+The CLI only composes the library; every sub-command takes ``--format json`` for machines.
+Bad input of any kind ends in one line on stderr naming the problem and the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from legointerp.checkpoint import BUNDLED, load_model
+from legointerp.errors import LegoInterpError
+from legointerp.evaluate import accuracy_by_position, predict, test_batch
+from legointerp.train import PRESETS, TrainConfig, Trainer
+
+EXIT_BAD_INPUT = 2
+
+
+def _emit(args, frame: pd.DataFrame, document) -> None:
+    """Print a table for people, or one JSON document / CSV for machines."""
+    if args.format == "json":
+        print(json.dumps(document, indent=2))
+    elif args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    else:
+        print(frame.to_string(index=False))
+
+
+def _add_ckpt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", default=BUNDLED, help="checkpoint file written by 'legointerp train' (default: the bundled model)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+
+
+def _add_format(parser: argparse.ArgumentParser, csv: bool = False) -> None:
+    parser.add_argument("--format", choices=["table", "json", *(["csv"] if csv else [])], default="table",
+                        help="table for people, json for machines" + (", csv for spreadsheets" if csv else ""))
+
+
+# ---------------------------------------------------------------------------- train
+_TRAIN_HELP = {
+    "group": "task group: task1 ({+,-} on {1,-1}), task2 (S3), sN or zN",
+    "n": "clauses per sentence (chain length)",
+    "n_tr": "supervise only the first N_TR chain positions (length extrapolation; the paper uses n=12, n_tr=6)",
+    "supervised": "supervise exactly these chain positions, comma-separated (shortcut setting: 0,1,2,3,4,11)",
+    "min_length": "curriculum: mix chain lengths uniformly in [MIN_LENGTH, n]",
+    "d_model": "residual width", "n_heads": "attention heads per layer", "n_layers": "layers (tied: iterations)",
+    "d_mlp": "MLP hidden width", "tied": "ALBERT-like: one block applied n_layers times (--no-tied: BERT-like)",
+    "min_depth": "stochastic depth (tied only): sample the depth per batch in [MIN_DEPTH, n_layers]",
+    "lr": "peak learning rate (AdamW, warmup then cosine)", "weight_decay": "AdamW weight decay",
+    "warmup": "warmup steps", "batch_size": "sentences per step (split over torchrun processes)",
+    "steps": "optimizer steps in total", "mimic_steps": "steps of the paper's mimicking loss on heads 0/1",
+    "seed": "seed for the weights and the data stream", "device": "cpu, cuda or auto",
+    "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
+    "save_every": "steps between checkpoint saves",
+}
+
+
+def _positions(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of chain positions like 0,1,2,3,4,11") from None
+
+
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="train a BERT-like or ALBERT-like model on LEGO",
+                            description="Train a model; every option overrides the preset. Per-position test accuracy "
+                                        "is logged to OUT.log.jsonl at every evaluation.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="starting configuration (default: tiny)")
+    parser.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_format(parser)
+    for f in fields(TrainConfig):
+        flag = "--length" if f.name == "n" else "--" + f.name.replace("_", "-")  # a bare --n would clash with torchrun's flags
+        if f.name == "tied":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_TRAIN_HELP[f.name])
+        elif f.name == "supervised":
+            parser.add_argument(flag, type=_positions, default=None, help=_TRAIN_HELP[f.name])
+        else:
+            kind = {"lr": float, "weight_decay": float, "group": str, "device": str}.get(f.name, int)
+            parser.add_argument(flag, type=kind, default=None, dest=f.name, help=_TRAIN_HELP[f.name])
+
+
+def _train(args) -> None:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = replace(PRESETS[args.preset], **overrides)
+    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet,
+                      command="legointerp " + " ".join(sys.argv[1:]))
+    checkpoint = trainer.fit()
+    if trainer.rank == 0:
+        frame = pd.DataFrame({"position": range(len(checkpoint.accuracy)), "accuracy": checkpoint.accuracy})
+        print(f"saved {args.out} after {trainer.step} steps ({trainer.elapsed:.0f} s of training)", file=sys.stderr)
+        _emit(args, frame, {"checkpoint": str(args.out), "steps": trainer.step, "accuracy": checkpoint.accuracy})
+
+
+# ---------------------------------------------------------------------------- eval / predict / solve
+def _eval(args) -> None:
+    model, task, checkpoint = load_model(args.ckpt, args.device)
+    accuracy = accuracy_by_position(model, test_batch(task, args.samples, seed=args.seed, heldout=args.heldout)).tolist()
+    recorded = checkpoint.accuracy or [None] * len(accuracy)
+    frame = pd.DataFrame({"position": range(len(accuracy)), "accuracy": accuracy, "recorded": recorded})
+    _emit(args, frame, {"checkpoint": str(args.ckpt), "samples": args.samples,
+                        "accuracy": {str(k): a for k, a in enumerate(accuracy)}, "mean": sum(accuracy) / len(accuracy)})
+
+
+def _sentences(args) -> list[str]:
+    lines = list(args.sentences)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise LegoInterpError(f"no file at {path}: --file takes a text file with one sentence per line")
+        lines += [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise LegoInterpError("no sentence given: pass one in quotes, e.g. \"a=+1; b=-a\", or --file FILE")
+    return lines
+
+
+def _predict(args) -> None:
+    model, task, _ = load_model(args.ckpt, args.device)
+    texts = _sentences(args)
+    sentences = [task.parse(text, max_clauses=task.config.n) for text in texts]
+    batch = task.encode(sentences)
+    predicted = predict(model, batch)
+    rows, documents = [], []
+    for b, text in enumerate(texts):
+        names = task.variable_names(batch, b)
+        literal = task.group.literal_names
+        pairs = {name: (literal[int(predicted[b, k])], literal[int(batch.values[b, k])]) for k, name in enumerate(names)}
+        documents.append({"sentence": text, "predicted": {v: p for v, (p, _) in pairs.items()},
+                          "true": {v: t for v, (_, t) in pairs.items()}})
+        rows += [{"sentence": b, "variable": v, "depth": int(batch.depth[b, k]), "predicted": p, "true": t,
+                  "correct": p == t} for k, (v, (p, t)) in enumerate(pairs.items())]
+    _emit(args, pd.DataFrame(rows), documents[0] if len(documents) == 1 else documents)
+
+
+def _solve(args) -> None:
+    from legointerp.task import LegoTask, TaskConfig
+
+    task = LegoTask(TaskConfig(group=args.group, n=26))
+    values = task.solve(task.parse(args.sentence, max_clauses=args.max_clauses))
+    _emit(args, pd.DataFrame({"variable": list(values), "value": list(values.values())}), values)
+
+
+def _add_basic(sub) -> None:
+    parser = sub.add_parser("eval", help="per-chain-position accuracy on fresh sentences",
+                            description="Accuracy of each chain position on freshly generated sentences, beside the "
+                                        "accuracy recorded in the checkpoint.")
+    _add_ckpt(parser)
+    parser.add_argument("--samples", type=int, default=4000, help="fresh test sentences (default: 4000)")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the test sentences")
+    parser.add_argument("--heldout", action="store_true", help="name variables from the held-out alphabet (unseen symbols)")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_eval)
+
+    parser = sub.add_parser("predict", help="the model's answer for sentences you type, beside the true one")
+    _add_ckpt(parser)
+    parser.add_argument("sentences", nargs="*", help='sentences like "a=+1; b=-a; c=+b"')
+    parser.add_argument("--file", help="a text file with one sentence per line")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_predict)
+
+    parser = sub.add_parser("solve", help="the exact value of every variable (no model)")
+    parser.add_argument("sentence", help='a sentence like "a=+1; b=-a; c=+b"')
+    parser.add_argument("--group", default="task1", help="task1, task2, sN or zN (default: task1)")
+    parser.add_argument("--max-clauses", type=int, default=26, help="longest sentence accepted (default: 26)")
+    _add_format(parser)
+    parser.set_defaults(run=_solve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="legointerp", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    sub.choices["train"].set_defaults(run=_train)
+    _add_basic(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except LegoInterpError as err:
+        print(f"legointerp {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
