@@ -49,7 +49,10 @@ _TRAIN_HELP = {
     "n": "clauses per sentence (chain length)",
     "n_tr": "supervise only the first N_TR chain positions (length extrapolation; the paper uses n=12, n_tr=6)",
     "supervised": "supervise exactly these chain positions, comma-separated (shortcut setting: 0,1,2,3,4,11)",
-    "min_length": "curriculum: mix chain lengths uniformly in [MIN_LENGTH, n]",
+    "min_length": "mix chain lengths uniformly in [MIN_LENGTH, longest chain] (shorter sentences are padded)",
+    "curriculum": "grow the longest training chain from --curriculum-start to n as training sentences get solved",
+    "curriculum_start": "longest chain when the curriculum starts",
+    "curriculum_threshold": "running fraction of solved training sentences that admits one more clause",
     "d_model": "residual width", "n_heads": "attention heads per layer", "n_layers": "layers (tied: iterations)",
     "d_mlp": "MLP hidden width", "tied": "ALBERT-like: one block applied n_layers times (--no-tied: BERT-like)",
     "min_depth": "stochastic depth (tied only): sample the depth per batch in [MIN_DEPTH, n_layers]",
@@ -80,12 +83,12 @@ def _add_train(sub) -> None:
     _add_format(parser)
     for f in fields(TrainConfig):
         flag = "--length" if f.name == "n" else "--" + f.name.replace("_", "-")  # a bare --n would clash with torchrun's flags
-        if f.name == "tied":
+        if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_TRAIN_HELP[f.name])
         elif f.name == "supervised":
             parser.add_argument(flag, type=_positions, default=None, help=_TRAIN_HELP[f.name])
         else:
-            kind = {"lr": float, "weight_decay": float, "group": str, "device": str}.get(f.name, int)
+            kind = {"lr": float, "weight_decay": float, "curriculum_threshold": float, "group": str, "device": str}.get(f.name, int)
             parser.add_argument(flag, type=kind, default=None, dest=f.name, help=_TRAIN_HELP[f.name])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -143,14 +143,15 @@ class LegoTask:
         return CLAUSE_LEN * self.config.n + 2
 
     # ---------------------------------------------------------------- generation
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, *, min_length: int | None = None,
-               heldout: bool = False) -> LegoBatch:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, *, n: int | None = None,
+               min_length: int | None = None, heldout: bool = False) -> LegoBatch:
         """Draw ``batch_size`` random chains, vectorised over the batch.
 
+        ``n`` (default: the config's) sets the longest chain and the width, 5 n + 2 tokens;
         ``min_length`` mixes chain lengths uniformly in ``[min_length, n]`` (shorter ones are padded);
         ``heldout`` names variables from the held-out alphabet.  The same generator state gives the
         same batch on any machine (CPU generator)."""
-        n, B = self.config.n, batch_size
+        n, B = n or self.config.n, batch_size
         offset, n_names = ((self.heldout_offset, len(self.config.heldout_alphabet)) if heldout
                            else (self.variable_offset, len(self.config.alphabet)))
         if n_names < n:
@@ -323,6 +324,3 @@ def supervision_mask(n: int, n_tr: int | None = None, positions: list[int] | Non
         mask[:] = True
     return mask
 
-
-def with_length(config: TaskConfig, n: int) -> TaskConfig:
-    return replace(config, n=n)

@@ -34,7 +34,10 @@ class TrainConfig:
     n: int = 12
     n_tr: int | None = None  # supervise the first n_tr chain positions (None: all)
     supervised: tuple[int, ...] | None = None  # or exactly these chain positions
-    min_length: int | None = None  # curriculum: mix chain lengths uniformly in [min_length, n]
+    min_length: int | None = None  # mix chain lengths uniformly in [min_length, longest]
+    curriculum: bool = False  # grow the longest chain from curriculum_start to n as training sentences are solved
+    curriculum_start: int = 2
+    curriculum_threshold: float = 0.98  # running fraction of training sentences solved that admits a longer chain
     # model
     d_model: int = 64
     n_heads: int = 4
@@ -79,7 +82,7 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # the bundled model: a CPU run
-    "tiny": TrainConfig(min_length=1, mimic_steps=400),
+    "tiny": TrainConfig(min_length=1, curriculum=True),
     # the paper's setting (n=12, n_tr=6), sized for a GPU: BERT-base-like width, batch as the authors' code
     "bert-paper": TrainConfig(n_tr=6, d_model=768, n_heads=12, n_layers=12, d_mlp=3072, tied=False, lr=5e-5,
                               warmup=1000, batch_size=1000, steps=40_000, eval_every=500, save_every=2000),
@@ -157,6 +160,8 @@ class Trainer:
         self.model = LegoTransformer(config.model_config(self.task)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step, self.elapsed = 0, 0.0
+        self.longest = config.curriculum_start if config.curriculum else config.n
+        self.solved_rate = 0.0  # running mean of training sentences fully solved, drives the curriculum
         if resume:
             self._resume()
         elif self.rank == 0:
@@ -175,12 +180,16 @@ class Trainer:
                               "(drop the other options to continue that run)")
         self.model.load_state_dict(checkpoint.state_dict)
         self.optimizer.load_state_dict(checkpoint.train_state["optimizer"])
-        self.step, self.elapsed = checkpoint.train_state["step"], checkpoint.train_state["elapsed"]
+        state = checkpoint.train_state
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.longest, self.solved_rate = state["longest"], state["solved_rate"]
 
     def train_step(self) -> float:
         config, model = self.config, self.ddp or self.model
         generator = step_generator(config.seed, self.step, self.rank)
-        batch = self.task.sample(config.batch_size // self.world, generator, min_length=config.min_length).to(self.device)
+        shortest = None if config.min_length is None else min(config.min_length, self.longest)
+        batch = self.task.sample(config.batch_size // self.world, generator, n=self.longest, min_length=shortest)
+        batch = batch.to(self.device)
         depth = self.model.sample_depth(generator)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
@@ -190,7 +199,8 @@ class Trainer:
         with self.model.hooks(fwd_hooks=hooks), torch.autocast(self.device.type, torch.bfloat16,
                                                                 enabled=self.device.type == "cuda"):
             logits = clause_logits(model(batch.tokens, batch.attention_mask, depth), batch).float()
-            weight = (batch.valid & self.loss_mask).float()
+            supervised = batch.valid & self.loss_mask[: self.longest]
+            weight = supervised.float()
             loss = (F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
             if patterns:
                 loss = loss + mimicking_loss([p.float() for p in patterns], batch, self.task)
@@ -199,7 +209,21 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.step += 1
+        if config.curriculum:
+            self._advance_curriculum(((logits.argmax(-1) == batch.values) | ~supervised).all(1))
         return loss.item()
+
+    def _advance_curriculum(self, solved: torch.Tensor) -> None:
+        """Admit chains one clause longer once the running rate of solved training sentences passes the threshold.
+        With DDP the rate is averaged over processes so that every rank grows the same curriculum."""
+        rate = solved.float().mean()
+        if self.world > 1:
+            dist.all_reduce(rate)
+            rate /= self.world
+        self.solved_rate = 0.95 * self.solved_rate + 0.05 * float(rate)
+        if self.solved_rate >= self.config.curriculum_threshold and self.longest < self.config.n:
+            self.longest += 1
+            self.solved_rate = 0.0
 
     def evaluate(self) -> list[float]:
         return [round(a, 5) for a in accuracy_by_position(self.model, self.test).tolist()]
@@ -207,12 +231,13 @@ class Trainer:
     def checkpoint(self, accuracy: list[float] | None) -> Checkpoint:
         return Checkpoint(model_config=self.model.cfg, task_config=self.task.config, state_dict=self.model.state_dict(),
                           train_config=self.config.to_dict(),
-                          train_state={"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed},
+                          train_state={"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
+                                       "longest": self.longest, "solved_rate": self.solved_rate},
                           accuracy=accuracy, provenance=self.provenance)
 
     def _log(self, loss: float, accuracy: list[float]):
         row = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed_s": round(self.elapsed, 2),
-               "loss": round(loss, 5), "accuracy": accuracy}
+               "loss": round(loss, 5), "longest_chain": self.longest, "accuracy": accuracy}
         with log_path(self.out).open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -13,7 +13,8 @@ from legointerp.model import ConfigError
 from legointerp.train import PRESETS, TrainConfig, Trainer, learning_rate, read_log, train
 
 TINY = TrainConfig(n=4, d_model=16, n_heads=2, n_layers=2, d_mlp=32, batch_size=16, steps=8, warmup=2, eval_every=4,
-                   eval_size=64, save_every=4, device="cpu", mimic_steps=3, min_length=1)
+                   eval_size=64, save_every=4, device="cpu", mimic_steps=3, min_length=1, curriculum=True,
+                   curriculum_threshold=0.0)
 
 
 def test_training_writes_checkpoint_and_per_position_log(tmp_path):
@@ -45,6 +46,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, config
     for name, value in straight.state_dict.items():
         assert torch.equal(value, resumed.state_dict[name]), name
     assert [r["step"] for r in read_log(tmp_path / "b.pt")] == [4, 8]
+
+
+def test_curriculum_grows_only_when_training_sentences_are_solved(tmp_path):
+    always = Trainer(TINY, tmp_path / "a.pt", progress=False)
+    never = Trainer(replace(TINY, curriculum_threshold=1.01), tmp_path / "b.pt", progress=False)
+    for _ in range(3):
+        always.train_step(), never.train_step()
+    assert always.longest == 4 and never.longest == TINY.curriculum_start == 2
+    assert read_log(tmp_path / "a.pt") == []
 
 
 def test_resume_refuses_a_different_run(tmp_path):

@@ -1,0 +1,70 @@
+"""Hooked models: a checkpoint as a TransformerLens model.
+
+``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, and the
+analyses run on it (it is ~1.5x faster than the bridge).  ``to_bridge`` exports any model to a
+TransformerLens 4 ``TransformerBridge`` with equal logits, so the whole TL 4 toolset applies; a
+tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that all carry the shared weights.
+
+Pitfalls of transformer-lens 4.3 this respects: the bridge starts in train mode (we call eval);
+``enable_compatibility_mode()`` with its default weight processing changes raw logits when
+``d_vocab_out != d_vocab`` (so it is never applied here); its ``hook_attn_scores`` holds the
+post-softmax pattern.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from legointerp.checkpoint import load_model
+from legointerp.model import LegoTransformer
+
+
+def load_hooked(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """(hooked model, task) from a checkpoint path (``None``: the bundled model)."""
+    model, task, _ = load_model(path, device)
+    return model, task
+
+
+def bridge_state_dict(model: LegoTransformer) -> dict[str, torch.Tensor]:
+    """Our TransformerLens-shaped parameters in the bridge's ``nn.Linear`` layout (out_features, in_features)."""
+    cfg = model.cfg
+    state = {
+        "embed.weight": model.embed.W_E,
+        "pos_embed.weight": model.pos_embed.W_pos,
+        "ln_final.weight": model.ln_final.w,
+        "ln_final.bias": model.ln_final.b,
+        "unembed.weight": model.unembed.W_U.T,
+        "unembed.bias": model.unembed.b_U,
+    }
+    for layer, block in enumerate(model.blocks):
+        prefix, attn = f"blocks.{layer}.", block.attn
+        for name, W, b in (("q", attn.W_Q, attn.b_Q), ("k", attn.W_K, attn.b_K), ("v", attn.W_V, attn.b_V)):
+            state[f"{prefix}attn.{name}.weight"] = W.permute(0, 2, 1).reshape(cfg.d_model, cfg.d_model)
+            state[f"{prefix}attn.{name}.bias"] = b.reshape(cfg.d_model)
+        state[f"{prefix}attn.o.weight"] = attn.W_O.reshape(cfg.d_model, cfg.d_model).T
+        state[f"{prefix}attn.o.bias"] = attn.b_O
+        state[f"{prefix}mlp.in.weight"], state[f"{prefix}mlp.in.bias"] = block.mlp.W_in.T, block.mlp.b_in
+        state[f"{prefix}mlp.out.weight"], state[f"{prefix}mlp.out.bias"] = block.mlp.W_out.T, block.mlp.b_out
+        for ln in ("ln1", "ln2"):
+            state[f"{prefix}{ln}.weight"], state[f"{prefix}{ln}.bias"] = getattr(block, ln).w, getattr(block, ln).b
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def to_bridge(model: LegoTransformer) -> TransformerBridge:
+    """A ``TransformerBridge`` (bidirectional, GELU, pre-LN) with this model's weights, in eval mode."""
+    cfg = model.cfg
+    bridge_config = TransformerBridgeConfig(
+        d_model=cfg.d_model, d_head=cfg.d_head, n_layers=cfg.n_layers, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads,
+        d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, act_fn="gelu", eps=cfg.eps,
+        normalization_type="LN", attention_dir="bidirectional", tokenizer_prepends_bos=False,
+    )
+    device = next(model.parameters()).device
+    bridge = TransformerBridge.boot_native(bridge_config, device=device)
+    missing, unexpected = bridge.load_state_dict(bridge_state_dict(model), strict=False)
+    if unexpected or any(not k.endswith(("IGNORE", "masked_bias")) for k in missing):
+        raise RuntimeError(f"bridge layout changed: missing {missing}, unexpected {unexpected}")
+    return bridge.eval()
