@@ -57,8 +57,9 @@ _TRAIN_HELP = {
     "d_mlp": "MLP hidden width", "tied": "ALBERT-like: one block applied n_layers times (--no-tied: BERT-like)",
     "min_depth": "stochastic depth (tied only): sample the depth per batch in [MIN_DEPTH, n_layers]",
     "lr": "peak learning rate (AdamW, warmup then cosine)", "weight_decay": "AdamW weight decay",
-    "warmup": "warmup steps", "batch_size": "sentences per step (split over torchrun processes)",
+    "warmup": "warmup steps", "decay": "fraction of the steps over which the learning rate decays at the end", "batch_size": "sentences per step (split over torchrun processes)",
     "steps": "optimizer steps in total", "mimic_steps": "steps of the paper's mimicking loss on heads 0/1",
+    "target_accuracy": "stop early once every chain position reaches this test accuracy",
     "seed": "seed for the weights and the data stream", "device": "cpu, cuda or auto",
     "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
     "save_every": "steps between checkpoint saves",
@@ -88,7 +89,7 @@ def _add_train(sub) -> None:
         elif f.name == "supervised":
             parser.add_argument(flag, type=_positions, default=None, help=_TRAIN_HELP[f.name])
         else:
-            kind = {"lr": float, "weight_decay": float, "curriculum_threshold": float, "group": str, "device": str}.get(f.name, int)
+            kind = float if "float" in f.type else str if "str" in f.type else int
             parser.add_argument(flag, type=kind, default=None, dest=f.name, help=_TRAIN_HELP[f.name])
 
 

@@ -49,9 +49,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 200
+    decay: float = 0.2  # fraction of the steps over which the learning rate decays at the end
     batch_size: int = 128
     steps: int = 10_000
     mimic_steps: int = 0  # the paper's mimicking: pull heads 0/1 towards association/manipulation first
+    target_accuracy: float | None = None  # stop early once every chain position reaches this test accuracy
     seed: int = 0
     device: str = "auto"
     # bookkeeping
@@ -82,7 +84,8 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # the bundled model: a CPU run
-    "tiny": TrainConfig(min_length=1, curriculum=True),
+    "tiny": TrainConfig(min_length=1, curriculum=True, mimic_steps=1000, warmup=100, steps=12_000,
+                        target_accuracy=0.995),
     # the paper's setting (n=12, n_tr=6), sized for a GPU: BERT-base-like width, batch as the authors' code
     "bert-paper": TrainConfig(n_tr=6, d_model=768, n_heads=12, n_layers=12, d_mlp=3072, tied=False, lr=5e-5,
                               warmup=1000, batch_size=1000, steps=40_000, eval_every=500, save_every=2000),
@@ -118,10 +121,12 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to a tenth."""
+    """Warmup-stable-decay: linear warmup, constant while the curriculum climbs, cosine to a tenth over the last
+    ``decay`` fraction of the steps."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+    decay_start = config.steps * (1 - config.decay)
+    progress = min(1.0, max(0.0, step - decay_start) / max(1.0, config.steps - decay_start))
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -235,6 +240,15 @@ class Trainer:
                                        "longest": self.longest, "solved_rate": self.solved_rate},
                           accuracy=accuracy, provenance=self.provenance)
 
+    def _reached_target(self, accuracy: list[float] | None) -> bool:
+        """Whether every position reached the target; rank 0 decides for all processes."""
+        target = self.config.target_accuracy
+        reached = torch.tensor(float(target is not None and accuracy is not None and min(accuracy) >= target),
+                               device=self.device)
+        if self.world > 1:
+            dist.broadcast(reached, src=0)
+        return bool(reached)
+
     def _log(self, loss: float, accuracy: list[float]):
         row = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed_s": round(self.elapsed, 2),
                "loss": round(loss, 5), "longest_chain": self.longest, "accuracy": accuracy}
@@ -253,10 +267,13 @@ class Trainer:
                 loss = self.train_step()
                 self.elapsed += time.perf_counter() - started
                 bar.update(1)
-                if leader and (self.step % config.eval_every == 0 or self.step == config.steps):
-                    accuracy = self.evaluate()
-                    self._log(loss, accuracy)
-                    bar.set_postfix(loss=f"{loss:.3f}", min_acc=f"{min(accuracy):.3f}", mean_acc=f"{sum(accuracy) / len(accuracy):.3f}")
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    if leader:
+                        accuracy = self.evaluate()
+                        self._log(loss, accuracy)
+                        bar.set_postfix(loss=f"{loss:.3f}", longest=self.longest, min_acc=f"{min(accuracy):.3f}")
+                    if self._reached_target(accuracy):
+                        break
                 if leader and self.step % config.save_every == 0 and self.step < config.steps:
                     save_checkpoint(self.checkpoint(accuracy), self.out)
         except KeyboardInterrupt:

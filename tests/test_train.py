@@ -70,10 +70,11 @@ def test_supervision_only_trains_the_chosen_positions(tmp_path):
     assert batch_loss_positions == [0, 3]
 
 
-def test_schedule_warms_up_then_decays():
-    config = replace(TINY, lr=1.0, warmup=4, steps=100)
+def test_schedule_warms_up_holds_then_decays():
+    config = replace(TINY, lr=1.0, warmup=4, steps=100, decay=0.2)
     rates = [learning_rate(config, s) for s in range(100)]
-    assert rates[0] < rates[3] == pytest.approx(1.0) and rates[-1] < 0.11 and max(rates) <= 1.0
+    assert rates[0] < rates[3] == pytest.approx(1.0) and max(rates) <= 1.0
+    assert rates[4:81] == [1.0] * 77 and rates[-1] < 0.11
 
 
 def test_presets_are_valid_configs():
