@@ -11,7 +11,7 @@ pattern, in which case they are materialised.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class ModelConfig:
     min_depth: int | None = None  # stochastic depth (tied only): train depth ~ U[min_depth, n_layers]
     eps: float = 1e-5
     init_range: float = 0.02
+    device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -56,7 +57,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "device"}
 
 
 class LayerNorm(nn.Module):
@@ -166,6 +167,11 @@ class LegoTransformer(HookedRootModule):
                 source = self.blocks[0].get_submodule(name)
                 for pname, _ in list(module.named_parameters(recurse=False)):
                     setattr(module, pname, getattr(source, pname))
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.cfg.device = str(self.embed.W_E.device)
+        return module
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None) -> torch.Tensor:
