@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from legointerp.errors import LegoInterpError
+from legointerp.files import atomic_write
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig
 from legointerp.task import LegoError, LegoTask, TaskConfig
 
@@ -51,6 +51,14 @@ class Checkpoint:
     def build_task(self) -> LegoTask:
         return LegoTask(self.task_config)
 
+    def describe(self) -> str:
+        """One line for people: what the model is and how it was made."""
+        c = self.model_config
+        kind = "ALBERT-like (tied)" if c.tied else "BERT-like"
+        made = self.provenance.get("command", "an unrecorded command")
+        return (f"{kind} encoder, {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, on {self.task_config.group} "
+                f"with n={self.task_config.n}; made by `{made}`")
+
 
 def bundled_path() -> Path:
     return Path(str(resources.files("legointerp") / "data" / "model.pt"))
@@ -75,21 +83,6 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     }
     atomic_write(path, lambda f: torch.save(payload, f))
     return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path`` and move it into place only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:

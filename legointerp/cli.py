@@ -15,10 +15,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from legointerp.checkpoint import BUNDLED, load_model
+from tqdm.auto import tqdm
+
+from legointerp.checkpoint import BUNDLED, load_model, resolve
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, predict, test_batch
-from legointerp.train import PRESETS, TrainConfig, Trainer
+from legointerp.train import PRESETS, TrainConfig, Trainer, read_log
 
 EXIT_BAD_INPUT = 2
 
@@ -179,12 +181,107 @@ def _add_basic(sub) -> None:
     parser.set_defaults(run=_solve)
 
 
+# ---------------------------------------------------------------------------- analyses
+def _analysis_inputs(args):
+    model, task, checkpoint = load_model(args.ckpt, args.device)
+    return model, task, checkpoint, test_batch(task, args.samples, seed=args.seed).to(args.device)
+
+
+def _heads(args) -> None:
+    from legointerp.heads import attention_view_html, classify_heads
+    from legointerp.report import clearest_heads, write_html
+
+    model, task, _, batch = _analysis_inputs(args)
+    report = classify_heads(model, batch, task, ablate=not args.no_ablation)
+    _emit(args, report.to_frame(), report.to_records())
+    if args.plot:
+        write_html(report.plot().to_html(include_plotlyjs=True), args.plot)
+    if args.view:
+        heads = [_layer_head(text) for text in args.view_heads.split(",")] if args.view_heads else clearest_heads(report)
+        write_html(attention_view_html(model, batch, task, heads=heads), args.view)
+
+
+def _layer_head(text: str) -> tuple[int, int]:
+    try:
+        layer, head = text.split(".")
+        return int(layer), int(head)
+    except ValueError:
+        raise LegoInterpError(f"{text!r} is not a head: write LAYER.HEAD, e.g. 3.1") from None
+
+
+def _probe(args) -> None:
+    from legointerp.probes import percolation
+    from legointerp.report import write_html
+
+    model, task, _, batch = _analysis_inputs(args)
+    result = percolation(model, batch, task, control=not args.no_control, threshold=args.threshold)
+    _emit(args, result.to_frame(), result.to_dict())
+    if args.plot:
+        write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
+
+
+def _report(args) -> None:
+    from legointerp.heads import attention_view_html, classify_heads
+    from legointerp.probes import percolation
+    from legointerp.report import clearest_heads, model_report, write_html
+
+    model, task, checkpoint, batch = _analysis_inputs(args)
+    steps = ["accuracy", "heads", "probes", "page"]
+    with tqdm(steps, desc="report", disable=args.quiet, file=sys.stderr) as bar:
+        accuracy = accuracy_by_position(model, batch).tolist(); bar.update()
+        heads = classify_heads(model, batch[: args.head_samples], task); bar.update()
+        probes = percolation(model, batch, task); bar.update()
+        config = TrainConfig.from_dict(checkpoint.train_config) if checkpoint.train_config else None
+        page = model_report(
+            name=str(args.ckpt), description=checkpoint.describe(), accuracy=accuracy, recorded=checkpoint.accuracy,
+            log=read_log(resolve(args.ckpt)), supervised=config.loss_mask().nonzero().flatten().tolist() if config else None,
+            heads=heads, attention_view=attention_view_html(model, batch, task, heads=clearest_heads(heads)),
+            percolation=probes)
+        write_html(page, args.out); bar.update()
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _add_analyses(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_ckpt(common)
+    common.add_argument("--samples", type=int, default=2000, help="fresh sentences to analyse (default: 2000)")
+    common.add_argument("--seed", type=int, default=0, help="seed of those sentences")
+
+    parser = sub.add_parser("heads", parents=[common], help="classify attention heads: association, manipulation, broadcast",
+                            description="Score every head's attention by type on fresh sentences, label it, and "
+                                        "mean-ablate it to see which chain positions need it.")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the causal check (faster)")
+    parser.add_argument("--plot", help="write the layer x head map to this HTML file")
+    parser.add_argument("--view", help="write a circuitsvis attention view (offline HTML) to this file")
+    parser.add_argument("--view-heads", help="heads for --view as LAYER.HEAD,... (default: the clearest of each type)")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_heads)
+
+    parser = sub.add_parser("probe", parents=[common], help="linear probes per layer: information percolation",
+                            description="Fit a linear probe per layer and chain depth on the variable's residual "
+                                        "stream; report held-out accuracy, resolution layers and linearity.")
+    parser.add_argument("--threshold", type=float, default=0.9, help="accuracy that counts as resolved (default: 0.9)")
+    parser.add_argument("--no-control", action="store_true", help="skip the randomly initialised control model")
+    parser.add_argument("--plot", help="write the percolation heatmap to this HTML file")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_probe)
+
+    parser = sub.add_parser("report", parents=[common], help="one self-contained HTML page about a model",
+                            description="Accuracy, training curves, head map and table, attention views and the "
+                                        "percolation heatmap in one offline HTML file.")
+    parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
+    parser.add_argument("--head-samples", type=int, default=500, help="sentences for the head classifier and ablations")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legointerp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     sub.choices["train"].set_defaults(run=_train)
     _add_basic(sub)
+    _add_analyses(sub)
     return parser
 
 

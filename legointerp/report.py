@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from legointerp.checkpoint import atomic_write
+from legointerp.files import atomic_write
 from legointerp.heads import HeadReport
 from legointerp.plots import accuracy_figure, training_curves_figure
 from legointerp.probes import PercolationResult
@@ -71,7 +71,13 @@ def model_report(*, name: str, description: str, accuracy: list[float], recorded
     return render(f"legointerp report: {name}", html.escape(description), sections)
 
 
-def write_report(page: str, path: str | os.PathLike) -> Path:
+def clearest_heads(report: HeadReport, kinds=("association", "manipulation", "broadcast")) -> list[tuple[int, int]]:
+    """The (layer, head) with the highest score of each kind, for attention views."""
+    frame = report.to_frame()
+    return list(dict.fromkeys((int(frame.loc[i, "layer"]), int(frame.loc[i, "head"])) for i in (frame[k].idxmax() for k in kinds)))
+
+
+def write_html(page: str, path: str | os.PathLike) -> Path:
     path = Path(path)
     atomic_write(path, lambda f: f.write(page.encode()))
     return path
