@@ -188,12 +188,13 @@ def _analysis_inputs(args):
 
 
 def _heads(args) -> None:
-    from legointerp.heads import attention_view_html, classify_heads
+    from legointerp.heads import RECORD_FIELDS, attention_view_html, classify_heads
     from legointerp.report import clearest_heads, write_html
 
     model, task, _, batch = _analysis_inputs(args)
     report = classify_heads(model, batch, task, ablate=not args.no_ablation)
-    _emit(args, report.to_frame(), report.to_records())
+    frame = report.to_frame()
+    _emit(args, frame if args.format == "csv" else frame[[c for c in RECORD_FIELDS if c in frame]], report.to_records())
     if args.plot:
         write_html(report.plot().to_html(include_plotlyjs=True), args.plot)
     if args.view:

@@ -143,8 +143,9 @@ def head_map_figure(report: HeadReport) -> go.Figure:
                                               + [f"{k}: {r[k]:.2f} (uniform {r[k + '_uniform']:.2f})" for k in KINDS]
                                               + ([f"ablation drop: {r.ablation_drop:.3f}"] if "ablation_drop" in r else [])),
                         axis=1).to_numpy().reshape(n_layers, n_heads)
-    scale = [[i / len(labels) + e / len(labels), COLOURS[name]] for i, name in enumerate(labels) for e in (0, 1)]
-    figure = go.Figure(go.Heatmap(z=code, zmin=0, zmax=len(labels), colorscale=scale, text=hover,
+    # a stepped colour scale: label i owns the band [i, i + 1), and its code sits in the band's middle
+    scale = [[(i + e) / len(labels), COLOURS[name]] for i, name in enumerate(labels) for e in (0, 1)]
+    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(labels), colorscale=scale, text=hover,
                                   hovertemplate="%{text}<extra></extra>", xgap=2, ygap=2, showscale=False))
     for name in labels:  # a legend entry per label
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,

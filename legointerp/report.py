@@ -61,7 +61,7 @@ def model_report(*, name: str, description: str, accuracy: list[float], recorded
                 "<p>Each head's attention mass by type (association: a variable to its other occurrence; "
                 "manipulation: within the clause; broadcast: to BOS/EOS), labelled by the largest lift over a "
                 "uniform head, and the accuracy lost when the head is mean-ablated.</p>"
-                + figure_html(heads.plot(), include_plotlyjs=False) + frame_html(heads.to_frame())),
+                + figure_html(heads.plot(), include_plotlyjs=False) + frame_html(pd.DataFrame(heads.to_records()))),
         Section("Attention patterns of the clearest heads", attention_view),
         Section("Information percolation (linear probes per layer)",
                 f"<p>Resolution layer per chain depth (first layer whose probe reaches {percolation.threshold:.0%}): "

@@ -66,8 +66,32 @@ def test_eval_reports_accuracy_by_chain_position(capsys, ckpt):
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ["train", "eval", "predict", "solve"]:
+    for command in ["train", "eval", "predict", "solve", "heads", "probe", "report"]:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
         assert "--" in capsys.readouterr().out
+
+
+def test_heads_json_has_one_record_per_head_with_the_documented_fields(capsys, ckpt, tmp_path):
+    code, out, _ = run(capsys, "heads", "--ckpt", ckpt, "--samples", 64, "--format", "json",
+                       "--plot", tmp_path / "map.html", "--view", tmp_path / "view.html")
+    records = json.loads(out)
+    assert code == 0 and len(records) == 3 * 4
+    assert list(records[0]) == ["layer", "head", "label", "association", "manipulation", "broadcast", "self", "previous",
+                                "next", "ablation_drop"]
+    assert (tmp_path / "map.html").stat().st_size > 0 and (tmp_path / "view.html").stat().st_size > 0
+
+
+def test_probe_json_matrix_is_layers_by_depths(capsys, ckpt):
+    code, out, _ = run(capsys, "probe", "--ckpt", ckpt, "--samples", 200, "--format", "json")
+    document = json.loads(out)
+    assert code == 0 and len(document["matrix"]) == 3 + 1 and len(document["matrix"][0]) == 6
+    assert len(document["control"]) == 4 and len(document["resolution_layers"]) == 6
+    assert "linearity" in document
+
+
+def test_bad_head_name_is_a_clear_error(capsys, ckpt, tmp_path):
+    code, _, err = run(capsys, "heads", "--ckpt", ckpt, "--samples", 16, "--no-ablation", "--view", tmp_path / "v.html",
+                       "--view-heads", "zero")
+    assert code == 2 and "LAYER.HEAD" in err
