@@ -227,18 +227,20 @@ def _report(args) -> None:
     from legointerp.report import clearest_heads, model_report, write_html
 
     model, task, checkpoint, batch = _analysis_inputs(args)
-    steps = ["accuracy", "heads", "probes", "page"]
-    with tqdm(steps, desc="report", disable=args.quiet, file=sys.stderr) as bar:
-        accuracy = accuracy_by_position(model, batch).tolist(); bar.update()
-        heads = classify_heads(model, batch[: args.head_samples], task); bar.update()
-        probes = percolation(model, batch, task); bar.update()
+    with tqdm(total=3, desc="report", disable=args.quiet, file=sys.stderr) as bar:
+        accuracy = accuracy_by_position(model, batch).tolist()
+        heads = classify_heads(model, batch[: args.head_samples], task)
+        bar.update()
+        probes = percolation(model, batch, task)
+        bar.update()
         config = TrainConfig.from_dict(checkpoint.train_config) if checkpoint.train_config else None
         page = model_report(
             name=str(args.ckpt), description=checkpoint.describe(), accuracy=accuracy, recorded=checkpoint.accuracy,
             log=read_log(resolve(args.ckpt)), supervised=config.loss_mask().nonzero().flatten().tolist() if config else None,
             heads=heads, attention_view=attention_view_html(model, batch, task, heads=clearest_heads(heads)),
             percolation=probes)
-        write_html(page, args.out); bar.update()
+        write_html(page, args.out)
+        bar.update()
     print(f"wrote {args.out}", file=sys.stderr)
 
 
