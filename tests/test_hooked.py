@@ -57,3 +57,15 @@ def test_transformer_lens_patching_runs_on_both_and_agrees(task):
         results.append(patching.get_act_patch_resid_pre(hooked, corrupted, cache, metric))
     assert results[0].shape == (2, task.n_ctx)
     assert torch.allclose(results[0], results[1], atol=1e-4)
+
+
+def test_head_classifier_runs_on_the_bridge_and_agrees(task):
+    from legointerp.heads import classify_heads
+
+    model = perturbed(small_model(task, n_layers=2))
+    batch = task.sample(32, torch.Generator().manual_seed(0))
+    ours = classify_heads(model, batch, task).to_frame()
+    theirs = classify_heads(to_bridge(model), batch, task).to_frame()
+    assert (ours["label"] == theirs["label"]).all()
+    columns = ["association", "manipulation", "broadcast", "self", "previous", "next", "ablation_drop"]
+    assert ((ours[columns] - theirs[columns]).abs() < 1e-4).all().all()
