@@ -174,15 +174,19 @@ class LegoTransformer(HookedRootModule):
         return module
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                n_layers: int | None = None) -> torch.Tensor:
+                n_layers: int | None = None, start_at_layer: int | None = None) -> torch.Tensor:
         """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
-        (defaults to all; stochastic-depth training passes a sampled one).  Returns logits (B, P, d_vocab_out)."""
+        (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
+        ``tokens`` is then the residual stream (B, P, d_model) entering that block.  Returns logits (B, P, d_vocab_out)."""
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
-        resid = self.hook_embed(self.embed.W_E[tokens]) + self.hook_pos_embed(self.pos_embed.W_pos[:P])
-        for block in self.blocks[: n_layers or self.cfg.n_layers]:
+        if start_at_layer is None:
+            resid = self.hook_embed(self.embed.W_E[tokens]) + self.hook_pos_embed(self.pos_embed.W_pos[:P])
+        else:
+            resid = tokens
+        for block in self.blocks[start_at_layer or 0: n_layers or self.cfg.n_layers]:
             resid = block(resid, key_mask)
         return self.ln_final(resid) @ self.unembed.W_U + self.unembed.b_U
 

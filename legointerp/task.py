@@ -160,10 +160,7 @@ class LegoTask:
         ops = torch.randint(self.group.n_ops, (B, n), generator=generator)
         root = (torch.randint(self.group.n_literals, (B,), generator=generator) if self.config.random_root
                 else torch.zeros(B, dtype=torch.long))
-        values = torch.empty(B, n, dtype=torch.long)
-        previous = root
-        for k in range(n):  # a chain is sequential in k; every step is vectorised over the batch
-            previous = values[:, k] = self.group.act[ops[:, k], previous]
+        values = self.chain_values(ops, root)
 
         if min_length is None:
             lengths = torch.full((B,), n)
@@ -188,6 +185,18 @@ class LegoTask:
         clause_pos = 1 + CLAUSE_LEN * k_to_slot
         return LegoBatch(tokens=tokens, clause_pos=clause_pos, operand_pos=clause_pos + 3, values=values, ops=ops,
                          depth=chain.expand(B, n).clone(), lengths=lengths)
+
+    def chain_values(self, ops: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """(B, n) value of each chain position from its operators (B, n) and the root literal (B,)."""
+        values = torch.empty_like(ops)
+        previous = root
+        for k in range(ops.shape[1]):  # a chain is sequential in k; every step is vectorised over the batch
+            previous = values[:, k] = self.group.act[ops[:, k], previous]
+        return values
+
+    def root(self, batch: LegoBatch) -> torch.Tensor:
+        """(B,) root literal index of each sentence."""
+        return batch.tokens.gather(1, batch.operand_pos[:, :1]).squeeze(1) - self.literal_offset
 
     # ---------------------------------------------------------------- text
     def token_strings(self, tokens: torch.Tensor) -> list[str]:

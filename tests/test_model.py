@@ -71,3 +71,11 @@ def test_too_long_input_is_refused(task):
     model = small_model(task)
     with pytest.raises(ConfigError, match="n_ctx"):
         model(torch.ones(1, task.n_ctx + 1, dtype=torch.long))
+
+
+def test_starting_at_a_layer_from_its_cached_residual_gives_the_same_logits(task):
+    model = small_model(task, tied=True)
+    tokens = task.sample(4).tokens
+    logits, cache = model.run_with_cache(tokens)
+    for layer in range(3):
+        assert torch.allclose(model(cache["resid_pre", layer], start_at_layer=layer), logits, atol=1e-5)
