@@ -89,10 +89,11 @@ class Attention(nn.Module):
 
     def forward(self, x, key_mask):
         """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None."""
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, P, E)
+        # one GEMM for q, k and v: (D, 3 H E), then split back into TransformerLens's (B, P, H, E)
+        W = torch.stack([self.W_Q, self.W_K, self.W_V]).permute(2, 0, 1, 3).flatten(1)
+        b = torch.stack([self.b_Q, self.b_K, self.b_V]).flatten()
+        q, k, v = (x @ W + b).unflatten(-1, (3, *self.b_Q.shape)).unbind(2)
+        q, k, v = (hook(t).transpose(1, 2) for hook, t in ((self.hook_q, q), (self.hook_k, k), (self.hook_v, v)))
         if self._pattern_requested():
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
             if key_mask is not None:
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         z = self.hook_z(z.transpose(1, 2))  # (B, P, H, E)
-        return torch.einsum("bphe,hed->bpd", z, self.W_O) + self.b_O
+        return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O
 
 
 class MLP(nn.Module):
@@ -183,7 +184,7 @@ class LegoTransformer(HookedRootModule):
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
         if start_at_layer is None:
-            resid = self.hook_embed(self.embed.W_E[tokens]) + self.hook_pos_embed(self.pos_embed.W_pos[:P])
+            resid = self.hook_embed(F.embedding(tokens, self.embed.W_E)) + self.hook_pos_embed(self.pos_embed.W_pos[:P])
         else:
             resid = tokens
         for block in self.blocks[start_at_layer or 0: n_layers or self.cfg.n_layers]:
