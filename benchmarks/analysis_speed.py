@@ -1,6 +1,6 @@
 """Wall time of the analyses on a checkpoint (default: the bundled model), as `legointerp report` runs them.
 
-    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 2000] [--head-samples 500]
+    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 250]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def timed(label: str, work) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=None)
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--head-samples", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--head-samples", type=int, default=250)
     args = parser.parse_args()
     model, task, _ = load_model(args.ckpt)
     batch = test_batch(task, args.samples, seed=0)

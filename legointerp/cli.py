@@ -247,7 +247,7 @@ def _report(args) -> None:
 def _add_analyses(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     _add_ckpt(common)
-    common.add_argument("--samples", type=int, default=2000, help="fresh sentences to analyse (default: 2000)")
+    common.add_argument("--samples", type=int, default=1500, help="fresh sentences to analyse (heads: 300 by default, else 1500)")
     common.add_argument("--seed", type=int, default=0, help="seed of those sentences")
 
     parser = sub.add_parser("heads", parents=[common], help="classify attention heads: association, manipulation, broadcast",
@@ -258,7 +258,7 @@ def _add_analyses(sub) -> None:
     parser.add_argument("--view", help="write a circuitsvis attention view (offline HTML) to this file")
     parser.add_argument("--view-heads", help="heads for --view as LAYER.HEAD,... (default: the clearest of each type)")
     _add_format(parser, csv=True)
-    parser.set_defaults(run=_heads)
+    parser.set_defaults(run=_heads, samples=300)  # every head is ablated: a forward pass each
 
     parser = sub.add_parser("probe", parents=[common], help="linear probes per layer: information percolation",
                             description="Fit a linear probe per layer and chain depth on the variable's residual "
@@ -273,7 +273,7 @@ def _add_analyses(sub) -> None:
                             description="Accuracy, training curves, head map and table, attention views and the "
                                         "percolation heatmap in one offline HTML file.")
     parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
-    parser.add_argument("--head-samples", type=int, default=500, help="sentences for the head classifier and ablations")
+    parser.add_argument("--head-samples", type=int, default=250, help="sentences for the head classifier and ablations (default: 250)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_report)
 

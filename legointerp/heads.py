@@ -13,6 +13,7 @@ Works on any TransformerLens-style model with ``blocks.{l}.attn.hook_pattern`` /
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import partial
 
@@ -90,16 +91,25 @@ def ablation_drops(model, batch: LegoBatch, heads: dict[str, list[tuple[int, int
     """Accuracy lost per chain position when each named group of (layer, head)s is mean-ablated at once.
 
     The ablated z is the head's mean over the batch at each position (positions carry the clause structure, so a
-    per-position mean keeps what any head would see there).  Returns one row per group, one column per position."""
+    per-position mean keeps what any head would see there).  Models that accept ``start_at_layer`` (ours,
+    TransformerLens's HookedTransformer) rerun only the layers from the group's first one, from the cached
+    residual stream.  Returns one row per group, one column per chain position."""
     inputs = _model_inputs(batch)
-    clean = _accuracy(model(*inputs), batch)
+    resumable = "start_at_layer" in inspect.signature(model.forward).parameters
+    logits, cache = model.run_with_cache(*inputs, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    clean = _accuracy(logits, batch)
     rows = {}
     for name, group in heads.items():
         by_layer: dict[int, list[int]] = {}
         for layer, head in group:
             by_layer.setdefault(layer, []).append(head)
         hooks = [(f"blocks.{layer}.attn.hook_z", partial(_mean_ablate, heads=hs)) for layer, hs in by_layer.items()]
-        rows[name] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=hooks), batch)).cpu().numpy()
+        if resumable:
+            first = min(by_layer)
+            ablated = model.run_with_hooks(cache["resid_pre", first], *inputs[1:], start_at_layer=first, fwd_hooks=hooks)
+        else:
+            ablated = model.run_with_hooks(*inputs, fwd_hooks=hooks)
+        rows[name] = (clean - _accuracy(ablated, batch)).cpu().numpy()
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{k}" for k in range(batch.values.shape[1])])
 
 
