@@ -244,6 +244,19 @@ def _report(args) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def _patch(args) -> None:
+    from legointerp.patching import patch
+    from legointerp.report import write_html
+
+    model, task, _, batch = _analysis_inputs(args)
+    result = patch(model, batch, task, corruption=args.corrupt, depth=args.depth, heads=not args.no_heads)
+    frame = result.to_frame()
+    _emit(args, frame, result.to_dict())
+    print(f"attribution vs exact patching: r = {result.agreement:.3f}", file=sys.stderr)
+    if args.plot:
+        write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
+
+
 def _add_analyses(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     _add_ckpt(common)
@@ -268,6 +281,16 @@ def _add_analyses(sub) -> None:
     parser.add_argument("--plot", help="write the percolation heatmap to this HTML file")
     _add_format(parser, csv=True)
     parser.set_defaults(run=_probe)
+
+    parser = sub.add_parser("patch", parents=[common], help="activation patching: exact and attribution",
+                            description="Corrupt one place of every sentence (an operator, or the root literal), then "
+                                        "patch clean activations back in, per (layer, position) and per head.")
+    parser.add_argument("--corrupt", choices=["sign", "root"], default="sign", help="what to corrupt (default: sign)")
+    parser.add_argument("--depth", type=int, default=0, help="chain depth of the corrupted operator (default: 0)")
+    parser.add_argument("--no-heads", action="store_true", help="patch only the residual stream (much faster)")
+    parser.add_argument("--plot", help="write the patching heatmaps to this HTML file")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_patch, samples=16)  # every (layer, position, head) is a patched run
 
     parser = sub.add_parser("report", parents=[common], help="one self-contained HTML page about a model",
                             description="Accuracy, training curves, head map and table, attention views and the "

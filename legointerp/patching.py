@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import pandas as pd
+import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from legointerp.evaluate import clause_logits
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
@@ -158,3 +161,80 @@ def attribution(model, pair: PatchingPair, metric: Metric) -> tuple[torch.Tensor
     resid = torch.stack([estimate[f"blocks.{l}.hook_resid_pre"].sum(-1) for l in range(L)])
     heads = torch.stack([estimate[f"blocks.{l}.attn.hook_z"].sum(-1) for l in range(L)])
     return resid.cpu(), heads.cpu()
+
+
+@dataclass
+class PatchingResult:
+    corruption: str
+    positions: list[str]  # "position:token" of the template sentence, for axis labels
+    resid_pre: torch.Tensor  # (n_layers, T) exact
+    attribution_resid: torch.Tensor  # (n_layers, T)
+    head_z: torch.Tensor | None  # (n_layers, T, n_heads) exact
+    attribution_head: torch.Tensor  # (n_layers, T, n_heads)
+
+    @property
+    def agreement(self) -> float:
+        """Pearson correlation of attribution with exact patching over all residual sites (and head sites)."""
+        exact = [self.resid_pre.flatten()] + ([self.head_z.flatten()] if self.head_z is not None else [])
+        estimate = [self.attribution_resid.flatten()] + ([self.attribution_head.flatten()] if self.head_z is not None else [])
+        return float(torch.corrcoef(torch.stack([torch.cat(exact), torch.cat(estimate)]))[0, 1])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per residual site (head = -1) and per head site: exact score and attribution estimate."""
+        L, T = self.resid_pre.shape
+        layer, position = torch.meshgrid(torch.arange(L), torch.arange(T), indexing="ij")
+        frames = [pd.DataFrame({"site": "resid_pre", "layer": layer.flatten(), "position": position.flatten(), "head": -1,
+                                "exact": self.resid_pre.flatten(), "attribution": self.attribution_resid.flatten()})]
+        if self.head_z is not None:
+            H = self.head_z.shape[-1]
+            layer, position, head = torch.meshgrid(torch.arange(L), torch.arange(T), torch.arange(H), indexing="ij")
+            frames.append(pd.DataFrame({"site": "head_z", "layer": layer.flatten(), "position": position.flatten(),
+                                        "head": head.flatten(), "exact": self.head_z.flatten(),
+                                        "attribution": self.attribution_head.flatten()}))
+        frame = pd.concat(frames, ignore_index=True)
+        frame.insert(3, "token", [self.positions[p] for p in frame["position"]])
+        return frame
+
+    def to_dict(self) -> dict:
+        return {"corruption": self.corruption, "positions": self.positions, "resid_pre": self.resid_pre.tolist(),
+                "attribution_resid": self.attribution_resid.tolist(),
+                "head_z": None if self.head_z is None else self.head_z.tolist(),
+                "attribution_head": self.attribution_head.tolist(), "agreement": self.agreement}
+
+    def plot(self) -> go.Figure:
+        return patching_figure(self)
+
+
+def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", depth: int = 0, heads: bool = True
+          ) -> PatchingResult:
+    """Exact and attribution patching of one corruption (``"sign"`` at chain depth ``depth``, or ``"root"``)."""
+    if corruption == "root":
+        pair = flip_root(task, batch)
+    elif corruption == "sign":
+        if not 0 <= depth < batch.values.shape[1]:
+            raise LegoError(f"depth {depth} is not a chain depth of these sentences (0..{batch.values.shape[1] - 1})")
+        pair = flip_sign(task, batch, depth)
+    else:
+        raise LegoError(f"unknown corruption {corruption!r}: use sign or root")
+    metric = normalised_metric(model, pair)
+    attribution_resid, attribution_head = attribution(model, pair, metric)
+    tokens = task.token_strings(pair.clean.tokens[0])
+    described = "the root literal" if corruption == "root" else f"the operator at chain depth {depth}"
+    return PatchingResult(corruption=f"flip {described}", positions=[f"{p}:{t}" for p, t in enumerate(tokens)],
+                          resid_pre=patch_resid_pre(model, pair, metric), attribution_resid=attribution_resid,
+                          head_z=patch_head_z(model, pair, metric) if heads else None, attribution_head=attribution_head)
+
+
+def patching_figure(result: PatchingResult) -> go.Figure:
+    """Exact residual patching (layer x position, tokens of the template sentence on the axis) over its attribution estimate."""
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                           subplot_titles=["exact patching of resid_pre",
+                                           f"attribution estimate (agreement r = {result.agreement:.2f})"])
+    for row, matrix in enumerate([result.resid_pre, result.attribution_resid], start=1):
+        figure.add_trace(go.Heatmap(z=matrix.numpy(), x=result.positions, colorscale="RdBu", zmid=0,
+                                    showscale=row == 1, hovertemplate="%{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"),
+                         row=row, col=1)
+    figure.update_yaxes(title="layer", autorange="reversed", dtick=1)
+    figure.update_layout(title=f"Activation patching: {result.corruption} (1 = clean answers restored)",
+                         template="plotly_white", height=640)
+    return figure

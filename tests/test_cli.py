@@ -66,7 +66,7 @@ def test_eval_reports_accuracy_by_chain_position(capsys, ckpt):
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ["train", "eval", "predict", "solve", "heads", "probe", "report"]:
+    for command in ["train", "eval", "predict", "solve", "heads", "probe", "patch", "report"]:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -95,3 +95,12 @@ def test_bad_head_name_is_a_clear_error(capsys, ckpt, tmp_path):
     code, _, err = run(capsys, "heads", "--ckpt", ckpt, "--samples", 16, "--no-ablation", "--view", tmp_path / "v.html",
                        "--view-heads", "zero")
     assert code == 2 and "LAYER.HEAD" in err
+
+
+def test_patch_json_has_layer_by_position_matrices(capsys, ckpt):
+    code, out, err = run(capsys, "patch", "--ckpt", ckpt, "--samples", 4, "--depth", 2, "--format", "json")
+    document = json.loads(out)
+    assert code == 0 and len(document["resid_pre"]) == 3 and len(document["resid_pre"][0]) == len(document["positions"])
+    assert len(document["head_z"][0][0]) == 4 and "agreement" in document and "r =" in err
+    code, _, err = run(capsys, "patch", "--ckpt", ckpt, "--samples", 4, "--depth", 9)
+    assert code == 2 and "chain depth" in err

@@ -73,3 +73,15 @@ def test_attribution_is_zero_where_clean_and_corrupted_agree_and_tracks_exact_pa
     # estimates of (patched - corrupted); the corrupted run scores 0, so they compare with the exact scores
     correlation = torch.corrcoef(torch.stack([resid.flatten(), exact.flatten()]))[0, 1]
     assert correlation > 0.5
+
+
+def test_patch_result_tables_and_figure(task):
+    from legointerp.patching import patch
+
+    model, _ = model_and_pair(task)
+    result = patch(model, task.sample(4, torch.Generator().manual_seed(5)), task, corruption="root", heads=True)
+    frame = result.to_frame()
+    assert len(frame) == 2 * task.n_ctx * (1 + 4)
+    assert frame["token"].iloc[0] == "0:[BOS]" and "agreement" in result.to_dict()
+    assert -1 <= result.agreement <= 1
+    assert len(result.plot().data) == 2
