@@ -61,9 +61,11 @@ class PercolationProbe:
             return None
         if len(np.unique(values)) < 2:  # a single value: nothing to separate, the probe can only repeat it
             return DummyClassifier(strategy="most_frequent").fit(features, values)
-        return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter)).fit(features, values)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter))
+        return probe.fit(features, values)
 
     def fit(self, model, batch: LegoBatch) -> "PercolationProbe":
+        """Fit the (n_layers + 1) x n probes on ``batch``'s representations in ``model``."""
         examples = _examples(model, batch)
         with threadpool_limits(1):  # multithreaded BLAS on these small matrices is ~10x slower than one thread
             self.probes_ = [[self._fit_one(*example) for example in row] for row in examples]
@@ -81,7 +83,7 @@ class PercolationProbe:
 def resolution_layers(accuracy: np.ndarray, threshold: float) -> list[int | None]:
     """accuracy: (layers, depths).  Per depth, the first layer whose accuracy reaches ``threshold``, or None."""
     reached = accuracy >= threshold
-    return [int(layer) if any_ else None for layer, any_ in zip(reached.argmax(0), reached.any(0))]
+    return [int(layer) if hit else None for layer, hit in zip(reached.argmax(0), reached.any(0))]
 
 
 def linearity(resolution: list[int | None]) -> float | None:
@@ -91,7 +93,8 @@ def linearity(resolution: list[int | None]) -> float | None:
     layers = [resolution[k] for k in depths]
     if len(layers) < 3 or len(set(layers)) < 2:
         return None
-    return float(spearmanr(depths, layers).statistic)
+    rho, _ = spearmanr(depths, layers)
+    return float(rho)
 
 
 @dataclass
@@ -139,17 +142,20 @@ def percolation(model, batch: LegoBatch, task: LegoTask, *, control: bool = True
 
 
 def percolation_figure(result: PercolationResult) -> go.Figure:
-    """Heatmap of probe accuracy (x: chain depth, y: layer) with the resolution layers marked; the control beside it."""
-    panels = [("trained model", result.accuracy)] + ([("random-init control", result.control)] if result.control is not None else [])
-    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, _ in panels], shared_yaxes=True)
-    for col, (_, matrix) in enumerate(panels, start=1):
-        figure.add_trace(go.Heatmap(z=matrix, zmin=1 / result.n_classes, zmax=1, colorscale="Viridis", showscale=col == 1,
-                                    hovertemplate="depth %{x}<br>layer %{y}<br>accuracy %{z:.3f}<extra></extra>"), row=1, col=col)
+    """Heatmap of probe accuracy (x: chain depth, y: layer), resolution layers marked; the control beside it."""
+    panels = {"trained model": result.accuracy, "random-init control": result.control}
+    panels = {title: matrix for title, matrix in panels.items() if matrix is not None}
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), shared_yaxes=True)
+    hover = "depth %{x}<br>layer %{y}<br>accuracy %{z:.3f}<extra></extra>"
+    for col, matrix in enumerate(panels.values(), start=1):
+        figure.add_trace(go.Heatmap(z=matrix, zmin=1 / result.n_classes, zmax=1, colorscale="Viridis",
+                                    showscale=col == 1, hovertemplate=hover), row=1, col=col)
     resolved = [(k, layer) for k, layer in enumerate(result.resolution_layer) if layer is not None]
     if resolved:
         depths, layers = zip(*resolved)
-        figure.add_trace(go.Scatter(x=depths, y=layers, mode="markers", name=f"resolution layer (>= {result.threshold:.0%})",
-                                    marker=dict(color="white", size=9, line=dict(color="black", width=1))), row=1, col=1)
+        marker = dict(color="white", size=9, line=dict(color="black", width=1))
+        figure.add_trace(go.Scatter(x=depths, y=layers, mode="markers", marker=marker,
+                                    name=f"resolution layer (>= {result.threshold:.0%})"), row=1, col=1)
     figure.update_xaxes(title="chain depth", dtick=1)
     figure.update_yaxes(title="layer (0 = embeddings)", dtick=1, col=1)
     figure.update_layout(title="Information percolation: linear-probe accuracy per layer and chain depth",
