@@ -13,20 +13,11 @@ post-softmax pattern.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from legointerp.checkpoint import load_model
 from legointerp.model import LegoTransformer
-
-
-def load_hooked(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """(hooked model, task) from a checkpoint path (``None``: the bundled model)."""
-    model, task, _ = load_model(path, device)
-    return model, task
 
 
 def bridge_state_dict(model: LegoTransformer) -> dict[str, torch.Tensor]:
