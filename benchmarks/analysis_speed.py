@@ -1,6 +1,7 @@
-"""Wall time of the analyses on a checkpoint (default: the bundled model), as `legointerp report` runs them.
+"""Wall time of the analyses on a checkpoint (default: the bundled model), as `legointerp report` runs them,
+then the whole report (heads + probes + patching + shortcut + page) against its 60 s goal.
 
-    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 250]
+    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 250] [--patch-samples 16]
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ from pathlib import Path
 import torch
 
 from legointerp.cli import main as cli_main
-from legointerp.checkpoint import load_model
+from legointerp.checkpoint import load_model, resolve
 from legointerp.evaluate import test_batch
 from legointerp.heads import classify_heads
+from legointerp.patching import patch
 from legointerp.probes import percolation
+from legointerp.shortcut import detect_shortcut
+from legointerp.train import read_log
 
 
-def timed(label: str, work) -> float:
+def timed(label: str, work):
+    """Run ``work``, print its wall time; return its result and the seconds."""
     started = time.perf_counter()
-    work()
+    result = work()
     seconds = time.perf_counter() - started
-    print(f"{label:<34}{seconds:8.2f} s")
-    return seconds
+    print(f"{label:<38}{seconds:8.2f} s")
+    return result, seconds
 
 
 def main():
@@ -32,16 +37,23 @@ def main():
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--head-samples", type=int, default=250)
+    parser.add_argument("--patch-samples", type=int, default=16)
     args = parser.parse_args()
     model, task, _ = load_model(args.ckpt)
     batch = test_batch(task, args.samples, seed=0)
     print(f"{torch.get_num_threads()} threads; {args.samples} sentences ({args.head_samples} for heads)")
     timed("heads (scores + ablations)", lambda: classify_heads(model, batch[: args.head_samples], task))
-    timed("probes (trained + control)", lambda: percolation(model, batch, task))
+    probes, _ = timed("probes (trained + control)", lambda: percolation(model, batch, task))
+    timed("patching (exact resid + attribution)",
+          lambda: patch(model, batch[: args.patch_samples], task, corruption="sign", heads=False))
+    timed("shortcut (probes reused)",
+          lambda: detect_shortcut(model, batch, task, log=read_log(resolve(args.ckpt)), probes=probes))
     with tempfile.TemporaryDirectory() as folder:
         argv = ["report", "--out", str(Path(folder) / "report.html"), "--samples", str(args.samples),
-                "--head-samples", str(args.head_samples), "--quiet"] + (["--ckpt", args.ckpt] if args.ckpt else [])
-        timed("legointerp report (all of it)", lambda: cli_main(argv))
+                "--head-samples", str(args.head_samples), "--patch-samples", str(args.patch_samples),
+                "--quiet"] + (["--ckpt", args.ckpt] if args.ckpt else [])
+        _, seconds = timed("legointerp report (all of it)", lambda: cli_main(argv))
+    print(f"report: {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from legointerp.task import LegoError, LegoTask, TaskConfig
 
 FORMAT = "legointerp-checkpoint/1"
 BUNDLED = "bundled"
+# Models shipped with the package, by the name --ckpt accepts: the default (full supervision, follows the chain)
+# and one trained in the paper's shortcut regime (positions 0-4 and 11 supervised) for shortcut detection.
+BUNDLED_FILES = {BUNDLED: "model.pt", "bundled-shortcut": "shortcut.pt"}
 
 
 class CheckpointError(LegoInterpError):
@@ -60,13 +63,16 @@ class Checkpoint:
                 f"with n={self.task_config.n}; made by `{made}`")
 
 
-def bundled_path() -> Path:
-    return Path(str(resources.files("legointerp") / "data" / "model.pt"))
+def bundled_path(name: str = BUNDLED) -> Path:
+    return Path(str(resources.files("legointerp") / "data" / BUNDLED_FILES[name]))
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
-    """``None`` or ``"bundled"`` mean the model shipped with the package."""
-    return bundled_path() if path is None or str(path) == BUNDLED else Path(path)
+    """``None`` or ``"bundled"`` mean the default model shipped with the package, ``"bundled-shortcut"`` the
+    shortcut-regime one; anything else is a file path."""
+    if path is None:
+        return bundled_path()
+    return bundled_path(str(path)) if str(path) in BUNDLED_FILES else Path(path)
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:

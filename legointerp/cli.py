@@ -23,6 +23,9 @@ from legointerp.evaluate import accuracy_by_position, predict, test_batch
 from legointerp.train import PRESETS, TrainConfig, Trainer, read_log
 
 EXIT_BAD_INPUT = 2
+SAMPLES_HEADS = 300  # every head is ablated: a forward pass each
+SAMPLES_PATCH = 16  # every (layer, position, head) is a patched run
+SAMPLES_PROBE = SAMPLES_SHORTCUT = SAMPLES_REPORT = 1500
 
 
 def _emit(args, frame: pd.DataFrame, document) -> None:
@@ -36,7 +39,8 @@ def _emit(args, frame: pd.DataFrame, document) -> None:
 
 
 def _add_ckpt(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default=BUNDLED, help="checkpoint file written by 'legointerp train' (default: the bundled model)")
+    parser.add_argument("--ckpt", default=BUNDLED, help="checkpoint file written by 'legointerp train', or bundled (the default: the shipped "
+                             "model) or bundled-shortcut (a shipped model trained in the shortcut regime)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
 
 
@@ -223,22 +227,29 @@ def _probe(args) -> None:
 
 def _report(args) -> None:
     from legointerp.heads import attention_view_html, classify_heads
+    from legointerp.patching import patch
     from legointerp.probes import percolation
     from legointerp.report import clearest_heads, model_report, write_html
+    from legointerp.shortcut import detect_shortcut
 
     model, task, checkpoint, batch = _analysis_inputs(args)
-    with tqdm(total=3, desc="report", disable=args.quiet, file=sys.stderr) as bar:
+    log = read_log(resolve(args.ckpt))
+    with tqdm(total=5, desc="report", disable=args.quiet, file=sys.stderr) as bar:
         accuracy = accuracy_by_position(model, batch).tolist()
         heads = classify_heads(model, batch[: args.head_samples], task)
         bar.update()
         probes = percolation(model, batch, task)
         bar.update()
+        patching = patch(model, batch[: args.patch_samples], task, corruption="sign", depth=0, heads=False)
+        bar.update()
+        shortcut = detect_shortcut(model, batch, task, log=log, probes=probes)
+        bar.update()
         config = TrainConfig.from_dict(checkpoint.train_config) if checkpoint.train_config else None
         page = model_report(
             name=str(args.ckpt), description=checkpoint.describe(), accuracy=accuracy, recorded=checkpoint.accuracy,
-            log=read_log(resolve(args.ckpt)), supervised=config.loss_mask().nonzero().flatten().tolist() if config else None,
+            log=log, supervised=config.loss_mask().nonzero().flatten().tolist() if config else None,
             heads=heads, attention_view=attention_view_html(model, batch, task, heads=clearest_heads(heads)),
-            percolation=probes)
+            percolation=probes, patching=patching, shortcut=shortcut)
         write_html(page, args.out)
         bar.update()
     print(f"wrote {args.out}", file=sys.stderr)
@@ -257,48 +268,72 @@ def _patch(args) -> None:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
 
 
-def _add_analyses(sub) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    _add_ckpt(common)
-    common.add_argument("--samples", type=int, default=1500, help="fresh sentences to analyse (heads: 300 by default, else 1500)")
-    common.add_argument("--seed", type=int, default=0, help="seed of those sentences")
+def _shortcut(args) -> None:
+    from legointerp.report import write_html
+    from legointerp.shortcut import detect_shortcut
 
-    parser = sub.add_parser("heads", parents=[common], help="classify attention heads: association, manipulation, broadcast",
-                            description="Score every head's attention by type on fresh sentences, label it, and "
-                                        "mean-ablate it to see which chain positions need it.")
+    model, task, _, batch = _analysis_inputs(args)
+    result = detect_shortcut(model, batch, task, log=read_log(resolve(args.ckpt)))
+    _emit(args, result.to_frame(), result.to_dict())
+    if args.format == "table":
+        print(f"verdict: {result.verdict}")
+    if args.plot:
+        write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
+
+
+def _analysis_parser(sub, name: str, run, samples: int, **kwargs) -> argparse.ArgumentParser:
+    """A sub-command running ``run`` on a checkpoint and fresh sentences.  Each builds its own arguments: argparse
+    parents share action objects, so a per-command default set on one would leak into the others."""
+    parser = sub.add_parser(name, **kwargs)
+    _add_ckpt(parser)
+    parser.add_argument("--samples", type=int, default=samples, help=f"fresh sentences to analyse (default: {samples})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of those sentences")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_analyses(sub) -> None:
+    parser = _analysis_parser(sub, "heads", _heads, SAMPLES_HEADS, help="classify attention heads: association, manipulation, broadcast",
+                              description="Score every head's attention by type on fresh sentences, label it, and "
+                                          "mean-ablate it to see which chain positions need it.")
     parser.add_argument("--no-ablation", action="store_true", help="skip the causal check (faster)")
     parser.add_argument("--plot", help="write the layer x head map to this HTML file")
     parser.add_argument("--view", help="write a circuitsvis attention view (offline HTML) to this file")
     parser.add_argument("--view-heads", help="heads for --view as LAYER.HEAD,... (default: the clearest of each type)")
     _add_format(parser, csv=True)
-    parser.set_defaults(run=_heads, samples=300)  # every head is ablated: a forward pass each
 
-    parser = sub.add_parser("probe", parents=[common], help="linear probes per layer: information percolation",
-                            description="Fit a linear probe per layer and chain depth on the variable's residual "
-                                        "stream; report held-out accuracy, resolution layers and linearity.")
+    parser = _analysis_parser(sub, "probe", _probe, SAMPLES_PROBE, help="linear probes per layer: information percolation",
+                              description="Fit a linear probe per layer and chain depth on the variable's residual "
+                                          "stream; report held-out accuracy, resolution layers and linearity.")
     parser.add_argument("--threshold", type=float, default=0.9, help="accuracy that counts as resolved (default: 0.9)")
     parser.add_argument("--no-control", action="store_true", help="skip the randomly initialised control model")
     parser.add_argument("--plot", help="write the percolation heatmap to this HTML file")
     _add_format(parser, csv=True)
-    parser.set_defaults(run=_probe)
 
-    parser = sub.add_parser("patch", parents=[common], help="activation patching: exact and attribution",
-                            description="Corrupt one place of every sentence (an operator, or the root literal), then "
-                                        "patch clean activations back in, per (layer, position) and per head.")
+    parser = _analysis_parser(sub, "patch", _patch, SAMPLES_PATCH, help="activation patching: exact and attribution",
+                              description="Corrupt one place of every sentence (an operator, or the root literal), then "
+                                          "patch clean activations back in, per (layer, position) and per head.")
     parser.add_argument("--corrupt", choices=["sign", "root"], default="sign", help="what to corrupt (default: sign)")
     parser.add_argument("--depth", type=int, default=0, help="chain depth of the corrupted operator (default: 0)")
     parser.add_argument("--no-heads", action="store_true", help="patch only the residual stream (much faster)")
     parser.add_argument("--plot", help="write the patching heatmaps to this HTML file")
     _add_format(parser, csv=True)
-    parser.set_defaults(run=_patch, samples=16)  # every (layer, position, head) is a patched run
 
-    parser = sub.add_parser("report", parents=[common], help="one self-contained HTML page about a model",
-                            description="Accuracy, training curves, head map and table, attention views and the "
-                                        "percolation heatmap in one offline HTML file.")
+    parser = _analysis_parser(sub, "shortcut", _shortcut, SAMPLES_SHORTCUT, help="did the model follow the chain or take the shortcut?",
+                              description="Combine four pieces of evidence (training order, probes, attention onto "
+                                          "operators, patching through the chain) into a verdict: shortcut, no "
+                                          "shortcut or inconclusive (the paper's section 4.3).")
+    parser.add_argument("--plot", help="write the evidence figure to this HTML file")
+    _add_format(parser, csv=True)
+
+    parser = _analysis_parser(sub, "report", _report, SAMPLES_REPORT, help="one self-contained HTML page about a model",
+                              description="Accuracy, training curves, head map and table, attention views, the "
+                                          "percolation heatmap, activation patching and the shortcut verdict in one "
+                                          "offline HTML file.")
     parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     parser.add_argument("--head-samples", type=int, default=250, help="sentences for the head classifier and ablations (default: 250)")
+    parser.add_argument("--patch-samples", type=int, default=16, help="sentence pairs for activation patching (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

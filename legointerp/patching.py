@@ -166,7 +166,7 @@ def attribution(model, pair: PatchingPair, metric: Metric) -> tuple[torch.Tensor
 @dataclass
 class PatchingResult:
     corruption: str
-    positions: list[str]  # "position:token" of the template sentence, for axis labels
+    positions: list[str]  # "position:token #depth" of the template sentence (the clause's chain depth), for axes
     resid_pre: torch.Tensor  # (n_layers, T) exact
     attribution_resid: torch.Tensor  # (n_layers, T)
     head_z: torch.Tensor | None  # (n_layers, T, n_heads) exact
@@ -219,8 +219,10 @@ def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", dep
     metric = normalised_metric(model, pair)
     attribution_resid, attribution_head = attribution(model, pair, metric)
     tokens = task.token_strings(pair.clean.tokens[0])
+    clause_depth = {int(start) + offset: k for k, start in enumerate(pair.clean.clause_pos[0]) for offset in range(CLAUSE_LEN)}
+    labels = [f"{p}:{t}" + (f" #{clause_depth[p]}" if p in clause_depth else "") for p, t in enumerate(tokens)]
     described = "the root literal" if corruption == "root" else f"the operator at chain depth {depth}"
-    return PatchingResult(corruption=f"flip {described}", positions=[f"{p}:{t}" for p, t in enumerate(tokens)],
+    return PatchingResult(corruption=f"flip {described}", positions=labels,
                           resid_pre=patch_resid_pre(model, pair, metric), attribution_resid=attribution_resid,
                           head_z=patch_head_z(model, pair, metric) if heads else None, attribution_head=attribution_head)
 
@@ -235,6 +237,7 @@ def patching_figure(result: PatchingResult) -> go.Figure:
                                     showscale=row == 1, hovertemplate="%{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"),
                          row=row, col=1)
     figure.update_yaxes(title="layer", autorange="reversed", dtick=1)
+    figure.update_xaxes(title="position:token #chain depth of its clause", row=2, col=1)
     figure.update_layout(title=f"Activation patching: {result.corruption} (1 = clean answers restored)",
                          template="plotly_white", height=640)
     return figure

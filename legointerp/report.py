@@ -1,4 +1,4 @@
-"""One self-contained HTML page about a model: accuracy, training curves, heads, percolation.
+"""One self-contained HTML page about a model: accuracy, training curves, heads, percolation, patching, shortcut.
 
 Plotly's JavaScript is inlined once and circuitsvis's bundle is inlined by its local mode, so the page opens
 offline.  The page only composes analyses' results; it computes nothing of its own.
@@ -16,8 +16,10 @@ import plotly.graph_objects as go
 
 from legointerp.files import atomic_write
 from legointerp.heads import HeadReport
+from legointerp.patching import PatchingResult
 from legointerp.plots import accuracy_figure, training_curves_figure
 from legointerp.probes import PercolationResult
+from legointerp.shortcut import ShortcutResult
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -50,7 +52,7 @@ def render(title: str, subtitle: str, sections: list[Section]) -> str:
 
 def model_report(*, name: str, description: str, accuracy: list[float], recorded: list[float] | None,
                  log: list[dict], supervised: list[int] | None, heads: HeadReport, attention_view: str,
-                 percolation: PercolationResult) -> str:
+                 percolation: PercolationResult, patching: PatchingResult, shortcut: ShortcutResult) -> str:
     """The HTML page from the analyses' results (no computation here)."""
     resolution = ", ".join(f"#{k}: {'-' if layer is None else layer}" for k, layer in enumerate(percolation.resolution_layer))
     linearity = "undefined" if percolation.linearity is None else f"{percolation.linearity:.2f}"
@@ -67,6 +69,16 @@ def model_report(*, name: str, description: str, accuracy: list[float], recorded
                 f"<p>Resolution layer per chain depth (first layer whose probe reaches {percolation.threshold:.0%}): "
                 f"{html.escape(resolution)}. Rank correlation of resolution layer with depth: {linearity}.</p>"
                 + figure_html(percolation.plot(), include_plotlyjs=False)),
+        Section("Activation patching",
+                f"<p>Corruption: {html.escape(patching.corruption)}. Each cell: the clean residual stream patched into "
+                f"the corrupted run at one (layer, position), scored by the normalised logit difference of the "
+                f"variables the corruption changes. Attribution patching estimates the same map from one backward "
+                f"pass; its agreement with exact patching: r = {patching.agreement:.2f}.</p>"
+                + figure_html(patching.plot(), include_plotlyjs=False)),
+        Section(f"Shortcut detection: {shortcut.verdict}",
+                "<p>Did the model follow the chain to the last variable, or count the operators (the paper's "
+                "section 4.3)? Each row is one piece of evidence; <code>shortcut</code> is its vote (empty: "
+                "unavailable).</p>" + frame_html(shortcut.to_frame()) + figure_html(shortcut.plot(), include_plotlyjs=False)),
     ]
     return render(f"legointerp report: {name}", html.escape(description), sections)
 

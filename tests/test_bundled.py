@@ -5,7 +5,7 @@ import math
 import torch
 
 from legointerp.checkpoint import bundled_path, load_model
-from legointerp.evaluate import accuracy_by_position, test_batch
+from legointerp.evaluate import accuracy_by_position, test_batch as fresh_sentences
 from legointerp.train import TrainConfig, read_log
 
 
@@ -15,7 +15,7 @@ def test_bundled_model_meets_its_recorded_accuracy_on_fresh_sentences():
     assert recorded is not None and len(recorded) == task.config.n == 12
     assert min(recorded) >= 0.99, "the bundled model must solve every chain position"
     size = 3000
-    fresh = accuracy_by_position(model, test_batch(task, size, seed=int(torch.randint(10**6, (1,)))))
+    fresh = accuracy_by_position(model, fresh_sentences(task, size, seed=int(torch.randint(10**6, (1,)))))
     for k, (now, then) in enumerate(zip(fresh.tolist(), recorded)):
         # four binomial standard errors, at least half a point: a regression, not sampling noise
         tolerance = max(0.005, 4 * math.sqrt(then * (1 - then) / size))

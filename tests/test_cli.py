@@ -104,3 +104,12 @@ def test_patch_json_has_layer_by_position_matrices(capsys, ckpt):
     assert len(document["head_z"][0][0]) == 4 and "agreement" in document and "r =" in err
     code, _, err = run(capsys, "patch", "--ckpt", ckpt, "--samples", 4, "--depth", 9)
     assert code == 2 and "chain depth" in err
+
+
+def test_each_analysis_keeps_its_own_default_sample_count():
+    from legointerp.cli import build_parser
+
+    parser = build_parser()
+    defaults = {command: parser.parse_args([command]).samples for command in ("heads", "probe", "patch", "shortcut", "report")}
+    assert defaults["heads"] < defaults["probe"] and defaults["patch"] < defaults["heads"]
+    assert defaults["probe"] == defaults["shortcut"] == defaults["report"]
