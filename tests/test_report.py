@@ -33,7 +33,8 @@ def report(tmp_path_factory):
 def test_report_is_self_contained(report):
     assert not re.search(r"<script[^>]+src=[\"']https?://", report)
     assert not re.search(r"<link[^>]+href=[\"']https?://", report)
-    for section in ["Accuracy per chain position", "Training curves", "Attention heads", "Information percolation"]:
+    for section in ["Accuracy per chain position", "Training curves", "Attention heads", "Information percolation",
+                    "Activation patching", "Shortcut detection: no shortcut"]:
         assert section in report
 
 
@@ -50,6 +51,6 @@ def test_report_renders_offline_in_chromium_without_errors(report, tmp_path):
     assert errors is not None, "the page never finished loading"
     assert errors.group(1) == "[]", errors.group(1)
     figures = report.count('class="plotly-graph-div"')
-    assert figures >= 4
+    assert figures >= 6
     assert dom.count('class="main-svg"') >= figures  # plotly drew every figure
     assert "circuits-vis" in dom or "cv-" in dom or "<canvas" in dom  # the circuitsvis view mounted
