@@ -167,13 +167,13 @@ class Trainer:
         self.step, self.elapsed = 0, 0.0
         self.longest = config.curriculum_start if config.curriculum else config.n
         self.solved_rate = 0.0  # running mean of training sentences fully solved, drives the curriculum
+        self.provenance = {"command": command or " ".join(sys.argv), "seed": config.seed, "torch": str(torch.__version__)}
         if resume:
             self._resume()
         elif self.rank == 0:
             log_path(self.out).unlink(missing_ok=True)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None)
         self.test = test_batch(self.task, config.eval_size, seed=config.seed + 7919)
-        self.provenance = {"command": command or " ".join(sys.argv), "seed": config.seed, "torch": str(torch.__version__)}
 
     def _resume(self):
         checkpoint = load_checkpoint(self.out)
@@ -188,6 +188,9 @@ class Trainer:
         state = checkpoint.train_state
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.longest, self.solved_rate = state["longest"], state["solved_rate"]
+        # a resumed run is reproduced by its whole history of commands, not by the last one
+        earlier = checkpoint.provenance.get("command", "an unrecorded command")
+        self.provenance["command"] = f"{earlier} && {self.provenance['command']}"
 
     def train_step(self) -> float:
         config, model = self.config, self.ddp or self.model

@@ -46,6 +46,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, config
     for name, value in straight.state_dict.items():
         assert torch.equal(value, resumed.state_dict[name]), name
     assert [r["step"] for r in read_log(tmp_path / "b.pt")] == [4, 8]
+    assert resumed.provenance["command"].count(" && ") == 1  # both commands recorded
 
 
 def test_curriculum_grows_only_when_training_sentences_are_solved(tmp_path):
