@@ -42,6 +42,11 @@ class Checkpoint:
     accuracy: list[float] | None = None  # final test accuracy per chain position
     provenance: dict = field(default_factory=dict)  # command line, seed, versions, wall time
 
+    @property
+    def command(self) -> str:
+        """The command line (for a resumed run, the commands joined by &&) that made this checkpoint."""
+        return self.provenance.get("command", "an unrecorded command")
+
     def build_model(self, device: str | torch.device = "cpu") -> LegoTransformer:
         model = LegoTransformer(self.model_config)
         try:
@@ -58,9 +63,8 @@ class Checkpoint:
         """One line for people: what the model is and how it was made."""
         c = self.model_config
         kind = "ALBERT-like (tied)" if c.tied else "BERT-like"
-        made = self.provenance.get("command", "an unrecorded command")
         return (f"{kind} encoder, {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, on {self.task_config.group} "
-                f"with n={self.task_config.n}; made by `{made}`")
+                f"with n={self.task_config.n}; made by `{self.command}`")
 
 
 def bundled_path(name: str = BUNDLED) -> Path:

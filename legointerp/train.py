@@ -189,8 +189,7 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.longest, self.solved_rate = state["longest"], state["solved_rate"]
         # a resumed run is reproduced by its whole history of commands, not by the last one
-        earlier = checkpoint.provenance.get("command", "an unrecorded command")
-        self.provenance["command"] = f"{earlier} && {self.provenance['command']}"
+        self.provenance["command"] = f"{checkpoint.command} && {self.provenance['command']}"
 
     def train_step(self) -> float:
         config, model = self.config, self.ddp or self.model

@@ -88,7 +88,7 @@ def test_shortcut_regime_model_never_learned_the_last_variable(regimes):
     follow the chain and extrapolates a little past #4, but #11 stayed at chance: no shortcut, and no evidence for
     one. A model that does take the shortcut is still to be trained (a GPU run)."""
     regime = regimes["bundled-shortcut"]
-    assert regime.passed_at[:5] == sorted(regime.passed_at[:5]) and None not in regime.passed_at[:5]
+    assert None not in regime.passed_at[:5] and regime.passed_at[:5] == sorted(regime.passed_at[:5])
     assert regime.passed_at[11] is None and regime.resolution_layer[11] is None
     assert regime.verdict == "no shortcut", regime.evidence.to_string()
 
