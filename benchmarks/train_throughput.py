@@ -4,6 +4,10 @@ Both are built locally (no hub download), trained on the same LEGO batches with 
 each clause's first token) and AdamW, alternating in one run so that machine noise hits both alike.
 
     python benchmarks/train_throughput.py [--preset tiny] [--device cpu] [--steps 20]
+    python benchmarks/train_throughput.py --preset bert-paper --estimate-only   # analytic FLOPs and memory only
+
+The first line is the analytic cost of the preset (``legointerp.train.training_cost``): FLOPs per sentence and
+the peak memory of a step at the preset's batch size, under bf16 autocast as on CUDA.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from transformers import BertConfig, BertForTokenClassification
 from legointerp.evaluate import clause_logits
 from legointerp.model import LegoTransformer
 from legointerp.task import LegoTask
-from legointerp.train import PRESETS
+from legointerp.train import PRESETS, training_cost
 
 
 def bert_like(cfg) -> BertForTokenClassification:
@@ -57,9 +61,17 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="alternate the two models this many times")
+    parser.add_argument("--estimate-only", action="store_true", help="print the analytic cost and stop")
     args = parser.parse_args()
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
+    cost = training_cost(preset)
+    print(f"estimate {args.preset}: {cost.flops_per_sentence / 1e9:.1f} GFLOP per sentence (forward + backward), "
+          f"peak {cost.peak_bytes / 2**30:.1f} GiB at batch {cost.batch_size} ({cost.state_bytes / 2**30:.2f} GiB "
+          f"weights, gradients and AdamW state; {cost.activation_bytes_per_sentence / 2**20:.1f} MiB of saved "
+          "activations per sentence)")
+    if args.estimate_only:
+        return
     task = LegoTask(preset.task_config())
     cfg = preset.model_config(task)
     ours = LegoTransformer(cfg).to(device).train()
@@ -76,6 +88,7 @@ def main():
     print(f"legointerp                  {ours_rate:10.1f} samples/s")
     print(f"BertForTokenClassification  {theirs_rate:10.1f} samples/s")
     print(f"ratio (legointerp / BERT)   {ours_rate / theirs_rate:10.2f}x")
+    print(f"legointerp at {ours_rate * cost.flops_per_sentence / 1e12:.2f} TFLOP/s by the estimate")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -18,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from legointerp.checkpoint import BUNDLED, load_model, resolve
-from legointerp.errors import LegoInterpError
+from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, predict, test_batch
-from legointerp.train import PRESETS, TrainConfig, Trainer, read_log
+from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file
+from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log
 
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer stopped by SIGPIPE, as `seq 1e9 | head` does
 SAMPLES_HEADS = 300  # every head is ablated: a forward pass each
 SAMPLES_PATCH = 16  # every (layer, position, head) is a patched run
 SAMPLES_PROBE = SAMPLES_SHORTCUT = SAMPLES_REPORT = 1500
@@ -38,10 +42,17 @@ def _emit(args, frame: pd.DataFrame, document) -> None:
         print(frame.to_string(index=False))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and a pointer to ``--help`` instead of a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _add_ckpt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=BUNDLED, help="checkpoint file written by 'legointerp train', or bundled (the default: the shipped "
                              "model) or bundled-shortcut (a shipped model trained in the shortcut regime)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
 def _add_format(parser: argparse.ArgumentParser, csv: bool = False) -> None:
@@ -66,7 +77,7 @@ _TRAIN_HELP = {
     "warmup": "warmup steps", "decay": "fraction of the steps over which the learning rate decays at the end", "batch_size": "sentences per step (split over torchrun processes)",
     "steps": "optimizer steps in total", "mimic_steps": "steps of the paper's mimicking loss on heads 0/1",
     "target_accuracy": "stop early once every chain position reaches this test accuracy",
-    "seed": "seed for the weights and the data stream", "device": "cpu, cuda or auto",
+    "seed": "seed for the weights and the data stream", "device": "cpu, cuda, cuda:N or auto",
     "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
     "save_every": "steps between checkpoint saves",
 }
@@ -84,8 +95,10 @@ def _add_train(sub) -> None:
                             description="Train a model; every option overrides the preset. Per-position test accuracy "
                                         "is logged to OUT.log.jsonl at every evaluation.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="starting configuration (default: tiny)")
-    parser.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
+    parser.add_argument("--out", type=output_file, default="model.pt", help="checkpoint path (default: model.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out (its log is kept until the first save)")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (off by default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_format(parser)
     for f in fields(TrainConfig):
@@ -95,20 +108,33 @@ def _add_train(sub) -> None:
         elif f.name == "supervised":
             parser.add_argument(flag, type=_positions, default=None, help=_TRAIN_HELP[f.name])
         else:
-            kind = float if "float" in f.type else str if "str" in f.type else int
-            parser.add_argument(flag, type=kind, default=None, dest=f.name, help=_TRAIN_HELP[f.name])
+            parser.add_argument(flag, type=TRAIN_OPTIONS.get(f.name, str), default=None, dest=f.name, help=_TRAIN_HELP[f.name])
 
 
 def _train(args) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = replace(PRESETS[args.preset], **overrides)
-    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet,
-                      command="legointerp " + " ".join(sys.argv[1:]))
-    checkpoint = trainer.fit()
+    trainer = Trainer(config, args.out, resume=args.resume, force=args.force, compile=args.compile,
+                      progress=not args.quiet, command="legointerp " + " ".join(sys.argv[1:]))
+    try:
+        checkpoint, stopped = trainer.fit(), None
+    except Interrupted as stop:
+        checkpoint, stopped = stop.checkpoint, stop
     if trainer.rank == 0:
-        frame = pd.DataFrame({"position": range(len(checkpoint.accuracy)), "accuracy": checkpoint.accuracy})
-        print(f"saved {args.out} after {trainer.step} steps ({trainer.elapsed:.0f} s of training)", file=sys.stderr)
-        _emit(args, frame, {"checkpoint": str(args.out), "steps": trainer.step, "accuracy": checkpoint.accuracy})
+        accuracy = checkpoint.accuracy or []
+        frame = pd.DataFrame({"position": range(len(accuracy)), "accuracy": accuracy})
+        document = {"checkpoint": str(args.out), "steps": trainer.step, "accuracy": checkpoint.accuracy}
+        if stopped:
+            name = signal.Signals(stopped.signum).name
+            print(f"legointerp train: stopped by {name} at step {trainer.step}: saved {args.out}; continue with the "
+                  "same command and --resume", file=sys.stderr)
+            if args.format == "json":  # stdout stays one JSON document
+                _emit(args, frame, {**document, "interrupted": name})
+        else:
+            print(f"saved {args.out} after {trainer.step} steps ({trainer.elapsed:.0f} s of training)", file=sys.stderr)
+            _emit(args, frame, document)
+    if stopped:
+        raise SystemExit(128 + stopped.signum)
 
 
 # ---------------------------------------------------------------------------- eval / predict / solve
@@ -121,22 +147,63 @@ def _eval(args) -> None:
                         "accuracy": {str(k): a for k, a in enumerate(accuracy)}, "mean": sum(accuracy) / len(accuracy)})
 
 
-def _sentences(args) -> list[str]:
-    lines = list(args.sentences)
+def _source(name: str) -> str:
+    return "stdin" if name == "-" else name
+
+
+def _read_lines(name: str) -> list[str]:
+    """The lines of ``--file`` (``-`` or /dev/stdin: standard input), blank ones kept so that numbers match the file."""
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(name)
+        if path.is_dir():
+            raise LegoInterpError(f"{path} is a folder: --file takes a text file with one sentence per line")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise LegoInterpError(f"no file at {path}: --file takes a text file with one sentence per line") from None
+        except OSError as err:
+            raise LegoInterpError(f"cannot read {path} ({err.strerror}): check the file's permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise LegoInterpError(f"{_source(name)} line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text: --file takes "
+                              "a text file of sentences like a=+1; b=-a (save it as UTF-8)") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise LegoInterpError(f"{_source(name)} line {line}: a NUL byte, so this is a binary file: --file takes a text "
+                              "file with one sentence per line")
+    return text.splitlines()
+
+
+def _sentences(args) -> list[tuple[str, str]]:
+    """(where, text) of every sentence: the arguments, then the non-blank lines of ``--file``."""
+    items = [(f"sentence {k + 1}", text) for k, text in enumerate(args.sentences)]
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise LegoInterpError(f"no file at {path}: --file takes a text file with one sentence per line")
-        lines += [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
+        items += [(f"{_source(args.file)} line {k + 1}", line) for k, line in enumerate(_read_lines(args.file)) if line.strip()]
+    if not items:
         raise LegoInterpError("no sentence given: pass one in quotes, e.g. \"a=+1; b=-a\", or --file FILE")
-    return lines
+    return items
+
+
+def _parse_sentences(task, args) -> tuple[list[str], list]:
+    """The texts and parsed :class:`~legointerp.task.Sentence` of every sentence given; a bad one is named by where
+    it is (``sentences.txt line 517: ...``)."""
+    items = _sentences(args)
+    sentences = []
+    for where, text in items:
+        try:
+            sentences.append(task.parse(text, max_clauses=task.config.n))
+        except LegoInterpError as err:
+            raise LegoInterpError(f"{where}: {err}") from None
+    return [text for _, text in items], sentences
 
 
 def _predict(args) -> None:
     model, task, _ = load_model(args.ckpt, args.device)
-    texts = _sentences(args)
-    sentences = [task.parse(text, max_clauses=task.config.n) for text in texts]
+    texts, sentences = _parse_sentences(task, args)
     batch = task.encode(sentences)
     predicted = predict(model, batch)
     rows, documents = [], []
@@ -164,8 +231,8 @@ def _add_basic(sub) -> None:
                             description="Accuracy of each chain position on freshly generated sentences, beside the "
                                         "accuracy recorded in the checkpoint.")
     _add_ckpt(parser)
-    parser.add_argument("--samples", type=int, default=4000, help="fresh test sentences (default: 4000)")
-    parser.add_argument("--seed", type=int, default=2024, help="seed of the test sentences")
+    parser.add_argument("--samples", type=SAMPLES, default=4000, help="fresh test sentences (default: 4000)")
+    parser.add_argument("--seed", type=SEED, default=2024, help="seed of the test sentences")
     parser.add_argument("--heldout", action="store_true", help="name variables from the held-out alphabet (unseen symbols)")
     _add_format(parser, csv=True)
     parser.set_defaults(run=_eval)
@@ -173,14 +240,14 @@ def _add_basic(sub) -> None:
     parser = sub.add_parser("predict", help="the model's answer for sentences you type, beside the true one")
     _add_ckpt(parser)
     parser.add_argument("sentences", nargs="*", help='sentences like "a=+1; b=-a; c=+b"')
-    parser.add_argument("--file", help="a text file with one sentence per line")
+    parser.add_argument("--file", help="a UTF-8 text file with one sentence per line (- for standard input)")
     _add_format(parser, csv=True)
     parser.set_defaults(run=_predict)
 
     parser = sub.add_parser("solve", help="the exact value of every variable (no model)")
     parser.add_argument("sentence", help='a sentence like "a=+1; b=-a; c=+b"')
     parser.add_argument("--group", default="task1", help="task1, task2, sN or zN (default: task1)")
-    parser.add_argument("--max-clauses", type=int, default=26, help="longest sentence accepted (default: 26)")
+    parser.add_argument("--max-clauses", type=COUNT, default=26, help="longest sentence accepted (default: 26)")
     _add_format(parser)
     parser.set_defaults(run=_solve)
 
@@ -188,7 +255,21 @@ def _add_basic(sub) -> None:
 # ---------------------------------------------------------------------------- analyses
 def _analysis_inputs(args):
     model, task, checkpoint = load_model(args.ckpt, args.device)
-    return model, task, checkpoint, test_batch(task, args.samples, seed=args.seed).to(args.device)
+    _check_against_model(args, model)
+    return model, task, checkpoint, test_batch(task, args.samples, seed=args.seed).to(model.cfg.device)
+
+
+def _check_against_model(args, model) -> None:
+    """The options whose range depends on the model, checked before any work."""
+    if getattr(args, "view_heads", None):
+        if not args.view:
+            raise LegoInterpError("--view-heads chooses the heads of --view: add --view FILE.html")
+        cfg = model.cfg
+        for text in args.view_heads.split(","):
+            layer, head = _layer_head(text)
+            if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+                raise LegoInterpError(f"there is no head {text} in this model: write LAYER.HEAD with LAYER in "
+                                      f"0..{cfg.n_layers - 1} and HEAD in 0..{cfg.n_heads - 1}")
 
 
 def _heads(args) -> None:
@@ -226,33 +307,27 @@ def _probe(args) -> None:
 
 
 def _report(args) -> None:
-    from legointerp.heads import attention_view_html, classify_heads
-    from legointerp.patching import patch
-    from legointerp.probes import percolation
-    from legointerp.report import clearest_heads, model_report, write_html
-    from legointerp.shortcut import detect_shortcut
+    from legointerp.report import ANALYSIS_STEPS, analyse, model_report, write_html
 
     model, task, checkpoint, batch = _analysis_inputs(args)
     log = read_log(resolve(args.ckpt))
-    with tqdm(total=5, desc="report", disable=args.quiet, file=sys.stderr) as bar:
-        accuracy = accuracy_by_position(model, batch).tolist()
-        heads = classify_heads(model, batch[: args.head_samples], task)
-        bar.update()
-        probes = percolation(model, batch, task)
-        bar.update()
-        patching = patch(model, batch[: args.patch_samples], task, corruption="sign", depth=0, heads=False)
-        bar.update()
-        shortcut = detect_shortcut(model, batch, task, log=log, probes=probes)
-        bar.update()
-        config = TrainConfig.from_dict(checkpoint.train_config) if checkpoint.train_config else None
-        page = model_report(
-            name=str(args.ckpt), description=checkpoint.describe(), accuracy=accuracy, recorded=checkpoint.accuracy,
-            log=log, supervised=config.loss_mask().nonzero().flatten().tolist() if config else None,
-            heads=heads, attention_view=attention_view_html(model, batch, task, heads=clearest_heads(heads)),
-            percolation=probes, patching=patching, shortcut=shortcut)
-        write_html(page, args.out)
+    with tqdm(total=ANALYSIS_STEPS + 1, desc="report", disable=args.quiet, file=sys.stderr) as bar:
+        analyses = analyse(model, task, checkpoint, batch, log, head_samples=args.head_samples,
+                           patch_samples=args.patch_samples, progress=bar.update)
+        write_html(model_report(name=Path(str(args.ckpt)).name, checkpoint=checkpoint, log=log, analyses=analyses), args.out)
         bar.update()
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(_report_summary(args, checkpoint, analyses.accuracy, analyses.heads, analyses.percolation,
+                                         analyses.shortcut), indent=2))
+
+
+def _report_summary(args, checkpoint, accuracy, heads, probes, shortcut) -> dict:
+    """What ``report --format json`` prints: where the page is and the headline of each of its sections."""
+    return {"report": str(args.out), "checkpoint": str(args.ckpt), "model": checkpoint.describe(), "samples": args.samples,
+            "accuracy": {str(k): a for k, a in enumerate(accuracy)}, "recorded_accuracy": checkpoint.accuracy,
+            "heads": {f"{r['layer']}.{r['head']}": r["label"] for r in heads.to_records()},
+            "resolution_layers": probes.resolution_layer, "linearity": probes.linearity, "shortcut": shortcut.verdict}
 
 
 def _patch(args) -> None:
@@ -286,8 +361,9 @@ def _analysis_parser(sub, name: str, run, samples: int, **kwargs) -> argparse.Ar
     parents share action objects, so a per-command default set on one would leak into the others."""
     parser = sub.add_parser(name, **kwargs)
     _add_ckpt(parser)
-    parser.add_argument("--samples", type=int, default=samples, help=f"fresh sentences to analyse (default: {samples})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of those sentences")
+    parser.add_argument("--samples", type=ANALYSIS_SAMPLES[name], default=samples,
+                        help=f"fresh sentences to analyse (default: {samples})")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of those sentences")
     parser.set_defaults(run=run)
     return parser
 
@@ -297,47 +373,49 @@ def _add_analyses(sub) -> None:
                               description="Score every head's attention by type on fresh sentences, label it, and "
                                           "mean-ablate it to see which chain positions need it.")
     parser.add_argument("--no-ablation", action="store_true", help="skip the causal check (faster)")
-    parser.add_argument("--plot", help="write the layer x head map to this HTML file")
-    parser.add_argument("--view", help="write a circuitsvis attention view (offline HTML) to this file")
+    parser.add_argument("--plot", type=output_file, help="write the layer x head map to this HTML file")
+    parser.add_argument("--view", type=output_file, help="write a circuitsvis attention view (offline HTML) to this file")
     parser.add_argument("--view-heads", help="heads for --view as LAYER.HEAD,... (default: the clearest of each type)")
     _add_format(parser, csv=True)
 
     parser = _analysis_parser(sub, "probe", _probe, SAMPLES_PROBE, help="linear probes per layer: information percolation",
                               description="Fit a linear probe per layer and chain depth on the variable's residual "
                                           "stream; report held-out accuracy, resolution layers and linearity.")
-    parser.add_argument("--threshold", type=float, default=0.9, help="accuracy that counts as resolved (default: 0.9)")
+    parser.add_argument("--threshold", type=FRACTION, default=0.9, help="accuracy that counts as resolved (default: 0.9)")
     parser.add_argument("--no-control", action="store_true", help="skip the randomly initialised control model")
-    parser.add_argument("--plot", help="write the percolation heatmap to this HTML file")
+    parser.add_argument("--plot", type=output_file, help="write the percolation heatmap to this HTML file")
     _add_format(parser, csv=True)
 
     parser = _analysis_parser(sub, "patch", _patch, SAMPLES_PATCH, help="activation patching: exact and attribution",
                               description="Corrupt one place of every sentence (an operator, or the root literal), then "
                                           "patch clean activations back in, per (layer, position) and per head.")
     parser.add_argument("--corrupt", choices=["sign", "root"], default="sign", help="what to corrupt (default: sign)")
-    parser.add_argument("--depth", type=int, default=0, help="chain depth of the corrupted operator (default: 0)")
+    parser.add_argument("--depth", type=NON_NEGATIVE, default=0, help="chain depth of the corrupted operator (default: 0)")
     parser.add_argument("--no-heads", action="store_true", help="patch only the residual stream (much faster)")
-    parser.add_argument("--plot", help="write the patching heatmaps to this HTML file")
+    parser.add_argument("--plot", type=output_file, help="write the patching heatmaps to this HTML file")
     _add_format(parser, csv=True)
 
     parser = _analysis_parser(sub, "shortcut", _shortcut, SAMPLES_SHORTCUT, help="did the model follow the chain or take the shortcut?",
                               description="Combine four pieces of evidence (training order, probes, attention onto "
                                           "operators, patching through the chain) into a verdict: shortcut, no "
                                           "shortcut or inconclusive (the paper's section 4.3).")
-    parser.add_argument("--plot", help="write the evidence figure to this HTML file")
+    parser.add_argument("--plot", type=output_file, help="write the evidence figure to this HTML file")
     _add_format(parser, csv=True)
 
     parser = _analysis_parser(sub, "report", _report, SAMPLES_REPORT, help="one self-contained HTML page about a model",
                               description="Accuracy, training curves, head map and table, attention views, the "
                                           "percolation heatmap, activation patching and the shortcut verdict in one "
                                           "offline HTML file.")
-    parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
-    parser.add_argument("--head-samples", type=int, default=250, help="sentences for the head classifier and ablations (default: 250)")
-    parser.add_argument("--patch-samples", type=int, default=16, help="sentence pairs for activation patching (default: 16)")
+    parser.add_argument("--out", type=output_file, default="report.html", help="HTML file to write (default: report.html)")
+    parser.add_argument("--head-samples", type=ANALYSIS_SAMPLES["heads"], default=250, help="sentences for the head classifier and ablations (default: 250)")
+    parser.add_argument("--patch-samples", type=SAMPLES, default=16, help="sentence pairs for activation patching (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--format", choices=["table", "json"], default="table",
+                        help="table: only the HTML file; json: also a summary of the report on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="legointerp", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="legointerp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     sub.choices["train"].set_defaults(run=_train)
@@ -347,16 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command = "legointerp"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"legointerp {args.command}"
         args.run(args)
     except LegoInterpError as err:
-        print(f"legointerp {args.command}: error: {err}", file=sys.stderr)
+        _fail(command, str(err))
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # the reader (e.g. head) has gone: stop quietly, and point stdout at nothing so that the interpreter's last
+        # flush does not raise again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except OSError as err:  # a disk that fills up or a file that vanishes mid-run: one line all the same
+        _fail(command, f"{err.strerror or err} ({err.filename or 'no file named'}): check the disk and the paths given")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _fail(command: str, message: str) -> None:
+    print(f"{command}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,54 @@
-"""Attention-head classifiers: which heads associate, manipulate or broadcast (the paper's sections 4.2 and 5).
+"""Attention-head classifier: what does each head do, for which tokens, and does the model need it?
 
-Correlational: for every (layer, head), the attention mass that query rows of a kind put on keys of that kind
-(masks in :mod:`legointerp.patterns`), beside the mass a uniform head would put there.  A head's label is the
-kind with the largest *lift* ``(score - uniform) / (1 - uniform)`` if that lift is at least
-``LABEL_THRESHOLD``, else ``"mixed"``.
+**Where each head looks.**  For every (layer, head), every *query role* (the clause's first token, i.e. the variable
+whose value is read out; the same restricted to clauses not yet resolved at that layer; ``=``; the operator; the
+operand; ``;``; BOS; EOS) and every *kind* of key set, the attention mass the role's queries put on the kind's keys,
+as a *lift* over a uniform head: ``(mass - uniform) / (1 - uniform)`` (1: all mass there, 0: no more than chance).
+The kinds are the paper's *association* (identical tokens, the query itself included: 1[u_i = u_j]), *manipulation*
+(the other tokens of the query's clause) and *broadcast* (BOS/EOS), and, from the chain metadata, the *chain step*
+(a clause's first token to the first token of the clause defining its operand), the *reverse step* (to the clause
+that reads this variable), the *frontier* (to the clause resolved at the previous layer, in a one-step-per-layer
+model), *operators* (the operator tokens of every clause: counting signs), and the previous / next token.
 
-Causal: mean-ablate each head (its ``hook_z`` replaced by the batch mean at each position) and each label
-group, and measure the accuracy lost at every chain position: a label is trusted where ablation hurts.
+**Labels.**  A head's label is the kind with the largest lift at the role where it does its job, if that lift reaches
+``LABEL_THRESHOLD``.  Broadcast is where heads rest when they have nothing to do, so it is the label only when no
+other kind reaches the threshold.  ``mixed`` means two kinds share one role's queries (each holds at least
+``MIXED_SHARE`` of the mass, on keys the other kind does not have); a head matching no kind is ``structured`` when its
+attention is concentrated (normalised entropy below ``DIFFUSE_ENTROPY``) and ``diffuse`` when it is flat.
 
-Works on any TransformerLens-style model with ``blocks.{l}.attn.hook_pattern`` / ``hook_z`` and a ``cfg``.
+**Causal checks, per chain depth.**  Each head's ``hook_z`` is replaced by its batch mean at each position (mean
+ablation) and by another sentence's (resample ablation); the accuracy lost at each depth is reported.  The truncated
+test runs only ``l + 1`` blocks and ablates head ``h`` in the last one, reading depth ``l``: the step a
+one-step-per-layer model takes in block ``l`` (full runs hide it: later blocks redo what was ablated).  For a
+weight-tied model, each head is also ablated at every iteration.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import partial
 
 import circuitsvis
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
 from legointerp.evaluate import clause_logits
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, offset_mask
-from legointerp.task import PAD, LegoBatch, LegoTask
+from legointerp.task import BOS, CLAUSE_LEN, EOS, PAD, LegoBatch, LegoTask
 
-KINDS = ("association", "manipulation", "broadcast", "self", "previous", "next")
-LABEL_THRESHOLD = 0.5
-COLOURS = {"association": "#e45756", "manipulation": "#4c78a8", "broadcast": "#f2cf5b", "self": "#9d9d9d",
-           "previous": "#72b7b2", "next": "#b279a2", "mixed": "#eeeeee"}
-RECORD_FIELDS = ["layer", "head", "label", *KINDS, "ablation_drop"]
-
-
-def kind_masks(tokens: torch.Tensor, task: LegoTask) -> dict[str, torch.Tensor]:
-    """Each kind's (B, Q, K) mask of the keys its query rows should attend to."""
-    is_variable = tokens >= task.variable_offset
-    return {"association": association_mask(tokens, is_variable), "manipulation": manipulation_mask(tokens),
-            "broadcast": broadcast_mask(tokens), "self": offset_mask(tokens, 0), "previous": offset_mask(tokens, -1),
-            "next": offset_mask(tokens, 1)}
+ROLES = ("variable", "unresolved variable", "=", "operator", "operand", ";", "BOS", "EOS")
+KINDS = ("association", "manipulation", "broadcast", "chain step", "reverse step", "frontier", "operators",
+         "previous token", "next token")
+LABEL_THRESHOLD = 0.5  # lift a kind must reach at some role to name the head
+MIXED_SHARE = 0.3  # two kinds each holding this much of a role's attention on keys of their own: "mixed"
+DIFFUSE_ENTROPY = 0.75  # unlabelled heads with mean normalised entropy above this are "diffuse", else "structured"
+MIN_QUERIES = 8  # a (role, kind) needs this many queries in the batch to be scored
+COLOURS = {"association": "#e45756", "manipulation": "#4c78a8", "broadcast": "#f2cf5b", "chain step": "#54a24b",
+           "reverse step": "#88d27a", "frontier": "#b279a2", "operators": "#ff9da6", "previous token": "#72b7b2",
+           "next token": "#9ecae9", "mixed": "#bab0ac", "structured": "#79706e", "diffuse": "#eeeeee"}
+RECORD_FIELDS = ["layer", "head", "label", "role", "lift", "self", "entropy", *KINDS, "mean_drop", "resample_drop",
+                 "truncated_drop", "every_iteration_drop"]
 
 
 def _model_inputs(batch: LegoBatch) -> tuple:
@@ -49,120 +59,244 @@ def _model_inputs(batch: LegoBatch) -> tuple:
 def attention_patterns(model, batch: LegoBatch) -> torch.Tensor:
     """(L, B, H, Q, K) attention of every layer from one cached forward pass."""
     _, cache = model.run_with_cache(*_model_inputs(batch), names_filter=lambda name: name.endswith("attn.hook_pattern"))
-    return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)])
+    return torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
 
 
-def head_scores(model, batch: LegoBatch, task: LegoTask) -> pd.DataFrame:
-    """One row per (layer, head): mean mass per kind over that kind's query rows, the uniform reference, a label."""
-    patterns = attention_patterns(model, batch).float()
-    real = (batch.tokens != PAD).to(patterns.device)
-    n_layers, _, n_heads = patterns.shape[:3]
-    columns = {"layer": torch.arange(n_layers).repeat_interleave(n_heads), "head": torch.arange(n_heads).repeat(n_layers)}
-    lifts = []
-    for kind, mask in kind_masks(batch.tokens.to(patterns.device), task).items():
-        rows = mask.any(-1)  # (B, Q): queries this kind speaks about
-        mass = torch.einsum("lbhqk,bqk->lhbq", patterns, mask.float())
-        score = (mass * rows).sum((-1, -2)) / rows.sum().clamp(min=1)  # (L, H)
-        uniform = ((mask.sum(-1) / real.sum(-1, keepdim=True)) * rows).sum() / rows.sum().clamp(min=1)
-        columns[kind] = score.flatten().cpu()
-        columns[f"{kind}_uniform"] = uniform.expand(n_layers * n_heads).cpu()
-        lifts.append(((score - uniform) / (1 - uniform).clamp(min=1e-6)).flatten().cpu())
-    best_lift, best_kind = torch.stack(lifts, dim=1).max(dim=1)
-    frame = pd.DataFrame({k: v.numpy() for k, v in columns.items()})
-    frame.insert(2, "label", [KINDS[k] if lift >= LABEL_THRESHOLD else "mixed" for k, lift in zip(best_kind.tolist(), best_lift.tolist())])
-    frame["lift"] = best_lift.numpy()
-    return frame
+def clause_depth(batch: LegoBatch) -> torch.Tensor:
+    """(B, T) chain depth of the clause starting at each position; -1 where no clause starts."""
+    depth = torch.full(batch.tokens.shape, -1, dtype=torch.long)
+    return depth.scatter(1, batch.clause_pos, torch.where(batch.valid, batch.depth, -1))
 
 
-def _accuracy(logits: torch.Tensor, batch: LegoBatch) -> torch.Tensor:
-    """(n,) accuracy per chain position."""
-    correct = (clause_logits(logits, batch).argmax(-1) == batch.values) & batch.valid
-    return correct.sum(0) / batch.valid.sum(0).clamp(min=1)
+def query_roles(batch: LegoBatch, layer: int) -> torch.Tensor:
+    """(R, B, T) bool: which positions are queries of each role in ``ROLES`` at ``layer``."""
+    tokens = batch.tokens
+    in_clause = (torch.arange(tokens.shape[1]) - 1) % CLAUSE_LEN
+    clause = (tokens != PAD) & (tokens != BOS) & (tokens != EOS)
+    depth = clause_depth(batch)
+    first = depth >= 0
+    return torch.stack([first, depth >= layer, *[clause & (in_clause == r) for r in range(1, CLAUSE_LEN)],
+                        tokens == BOS, tokens == EOS])
 
 
-def _mean_ablate(z: torch.Tensor, hook, heads: list[int]) -> torch.Tensor:
-    """z: (B, P, H, E); the chosen heads' z replaced by their batch mean at each position."""
-    z[:, :, heads] = z[:, :, heads].mean(0, keepdim=True)
-    return z
+def kind_masks(batch: LegoBatch, task: LegoTask, layer: int) -> dict[str, torch.Tensor]:
+    """Each kind's (B, Q, K) mask of the keys its queries should attend to at ``layer`` (rows without keys: no query)."""
+    tokens = batch.tokens
+    first = clause_depth(batch) >= 0
+    operand = torch.cat([tokens[:, 3:], torch.full_like(tokens[:, :3], PAD)], dim=1)  # (B, T) token 3 after each position
+    starts = first[:, :, None] & first[:, None, :]
+    depth = clause_depth(batch)
+    is_operator = (tokens >= task.op_offset) & (tokens < task.literal_offset)
+    real = tokens != PAD
+    return {
+        "association": association_mask(tokens, tokens >= task.variable_offset, include_self=True),
+        "manipulation": manipulation_mask(tokens),
+        "broadcast": broadcast_mask(tokens),
+        "chain step": starts & (tokens[:, None, :] == operand[:, :, None]),
+        "reverse step": starts & (operand[:, None, :] == tokens[:, :, None]),
+        "frontier": (depth >= layer)[:, :, None] & (depth == layer - 1)[:, None, :] & (layer > 0),
+        "operators": real[:, :, None] & is_operator[:, None, :],
+        "previous token": offset_mask(tokens, -1),
+        "next token": offset_mask(tokens, 1),
+    }
+
+
+def _role_means(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """values (H, B, T), weights (R, B, T) -> (H, R) weighted means (NaN where a role has too few queries)."""
+    total = weights.sum((1, 2))
+    means = torch.einsum("hbt,rbt->hr", values, weights) / total.clamp(min=1)
+    return torch.where(total >= MIN_QUERIES, means, torch.nan)
 
 
 @torch.no_grad()
-def ablation_drops(model, batch: LegoBatch, heads: dict[str, list[tuple[int, int]]]) -> pd.DataFrame:
-    """Accuracy lost per chain position when each named group of (layer, head)s is mean-ablated at once.
+def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per (layer, head): label, where it was found, lift, self-attention, entropy and each kind's best lift.
+    Also returns the full lifts, (L, H, R, K) with NaN where a (role, kind) has no queries."""
+    batch = batch.to("cpu")
+    patterns = attention_patterns(model, batch).float().cpu()  # (L, B, H, Q, K)
+    n_layers, _, n_heads, T, _ = patterns.shape
+    real = batch.tokens != PAD
+    n_real = real.sum(-1, keepdim=True).float()  # (B, 1)
+    lifts, summaries = np.full((n_layers, n_heads, len(ROLES), len(KINDS)), np.nan), []
+    for layer in range(n_layers):
+        pattern = patterns[layer].transpose(0, 1)  # (H, B, Q, K)
+        roles = query_roles(batch, layer).float()
+        masks = kind_masks(batch, task, layer)
+        mass = torch.stack([torch.einsum("hbqk,bqk->hbq", pattern, m.float()) for m in masks.values()])  # (K, H, B, Q)
+        for k, m in enumerate(masks.values()):
+            weights = roles * m.any(-1)
+            score = _role_means(mass[k], weights)
+            uniform = _role_means((m.sum(-1) / n_real)[None], weights)
+            lifts[layer, :, :, k] = ((score - uniform) / (1 - uniform).clamp(min=1e-6)).numpy()
+        entropy = -(pattern * pattern.clamp(min=1e-12).log()).sum(-1) / n_real.clamp(min=2).log()  # (H, B, Q)
+        self_mass = pattern.diagonal(dim1=-2, dim2=-1)  # (H, B, Q)
+        variable = (batch.tokens >= task.variable_offset).float()[None]
+        summaries.append((_role_means(entropy, real.float()[None])[:, 0], _role_means(self_mass, variable)[:, 0]))
+    records = []
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            entropy, self_mass = (float(summary[head]) for summary in summaries[layer])
+            label, role, lift = _label(lifts[layer, head], patterns[layer][:, head], batch, task, layer, entropy)
+            records.append({"layer": layer, "head": head, "label": label, "role": role, "lift": lift,
+                            "self": self_mass, "entropy": entropy,
+                            **{kind: float(np.nanmax(np.append(lifts[layer, head, :, k], -np.inf)))
+                               for k, kind in enumerate(KINDS)}})
+    frame = pd.DataFrame(records)
+    frame[list(KINDS)] = frame[list(KINDS)].replace(-np.inf, np.nan)
+    return frame, lifts
 
-    The ablated z is the head's mean over the batch at each position (positions carry the clause structure, so a
-    per-position mean keeps what any head would see there).  Models that accept ``start_at_layer`` (ours,
-    TransformerLens's HookedTransformer) rerun only the layers from the group's first one, from the cached
-    residual stream.  Returns one row per group, one column per chain position."""
+
+def _label(lifts: np.ndarray, pattern: torch.Tensor, batch: LegoBatch, task: LegoTask, layer: int,
+           entropy: float) -> tuple[str, str, float]:
+    """(label, role, lift) of one head from its (R, K) lifts; ``pattern``: (B, Q, K)."""
+    broadcast = KINDS.index("broadcast")
+    working = lifts.copy()
+    working[:, broadcast] = np.nan
+    if np.isnan(working).all() or np.nanmax(working) < LABEL_THRESHOLD:
+        if np.nanmax(np.append(lifts[:, broadcast], -np.inf)) >= LABEL_THRESHOLD:
+            role = int(np.nanargmax(lifts[:, broadcast]))
+            return "broadcast", ROLES[role], float(lifts[role, broadcast])
+        best = np.unravel_index(np.nanargmax(np.where(np.isnan(lifts), -np.inf, lifts)), lifts.shape)
+        return ("diffuse" if entropy > DIFFUSE_ENTROPY else "structured"), ROLES[best[0]], float(lifts[best])
+    role, kind = np.unravel_index(np.nanargmax(np.where(np.isnan(working), -np.inf, working)), working.shape)
+    rivals = [k for k in range(len(KINDS)) if k not in (kind, broadcast) and working[role, k] >= LABEL_THRESHOLD]
+    if rivals:
+        masks = list(kind_masks(batch, task, layer).values())
+        queries = query_roles(batch, layer)[role]
+        for rival in rivals:
+            own = (masks[kind] & ~masks[rival]).float()
+            theirs = (masks[rival] & ~masks[kind]).float()
+            share_own = (pattern * own).sum(-1)[queries].mean()
+            share_theirs = (pattern * theirs).sum(-1)[queries].mean()
+            if min(float(share_own), float(share_theirs)) >= MIXED_SHARE:
+                return "mixed", ROLES[role], float(working[role, kind])
+    return KINDS[kind], ROLES[role], float(working[role, kind])
+
+
+# ---------------------------------------------------------------------------- causal checks
+def _accuracy(logits: torch.Tensor, batch: LegoBatch) -> torch.Tensor:
+    """(..., n) accuracy per chain position; logits (V * B, T, C) for V stacked variants -> (V, n)."""
+    predicted = clause_logits(logits, _tile(batch, len(logits) // len(batch))).argmax(-1).view(-1, *batch.values.shape)
+    correct = (predicted == batch.values) & batch.valid
+    return correct.sum(1) / batch.valid.sum(0).clamp(min=1)
+
+
+def _tile(batch: LegoBatch, times: int) -> LegoBatch:
+    return LegoBatch(**{k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in batch.__dict__.items()})
+
+
+def _ablating(replacements: list[tuple[int, torch.Tensor]], B: int):
+    """A hook on hook_z (V * B, P, H, E): variant v has head replacements[v][0] replaced by replacements[v][1]."""
+    def hook(z, hook):
+        z = z.clone()
+        for v, (head, value) in enumerate(replacements):
+            z[v * B:(v + 1) * B, :, head] = value
+        return z
+    return hook
+
+
+@torch.no_grad()
+def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
+    """Accuracy lost per chain depth when each head is ablated: ``mean`` and ``resample`` (one row per head
+    ``L{l}H{h}``, one column per depth ``#k``), ``truncated`` (one column: depth l in a run of l + 1 blocks) and, for a
+    weight-tied model, ``every_iteration`` (one row per head index, ablated in every block)."""
     inputs = _model_inputs(batch)
-    resumable = "start_at_layer" in inspect.signature(model.forward).parameters
-    logits, cache = model.run_with_cache(*inputs, names_filter=lambda name: name.endswith("hook_resid_pre"))
-    clean = _accuracy(logits, batch)
-    rows = {}
-    for name, group in heads.items():
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in group:
-            by_layer.setdefault(layer, []).append(head)
-        hooks = [(f"blocks.{layer}.attn.hook_z", partial(_mean_ablate, heads=hs)) for layer, hs in by_layer.items()]
-        if resumable:
-            first = min(by_layer)
-            ablated = model.run_with_hooks(cache["resid_pre", first], *inputs[1:], start_at_layer=first, fwd_hooks=hooks)
-        else:
-            ablated = model.run_with_hooks(*inputs, fwd_hooks=hooks)
-        rows[name] = (clean - _accuracy(ablated, batch)).cpu().numpy()
-    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{k}" for k in range(batch.values.shape[1])])
+    mask = inputs[1:]
+    L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+    logits, cache = model.run_with_cache(*inputs, names_filter=names)
+    clean = _accuracy(logits, batch)[0]
+    resample = torch.roll(torch.arange(B), 1)
+    columns = [f"#{k}" for k in range(batch.values.shape[1])]
+    frames = {"mean": {}, "resample": {}, "truncated": {}}
+    tiled_mask = [m.repeat(2 * H, 1) for m in mask]
+    for layer in range(L):
+        z = cache["z", layer]  # (B, P, H, E)
+        variants = [(h, z[:, :, h].mean(0, keepdim=True)) for h in range(H)] + [(h, z[resample, :, h]) for h in range(H)]
+        hook = [(f"blocks.{layer}.attn.hook_z", _ablating(variants, B))]
+        start = cache["resid_pre", layer].repeat(2 * H, 1, 1)
+        full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hook), batch)
+        truncated = model.run_with_hooks(start[: H * B], *[m[: H * B] for m in tiled_mask], start_at_layer=layer,
+                                         n_layers=layer + 1, fwd_hooks=[(hook[0][0], _ablating(variants[:H], B))])
+        clean_truncated = model(cache["resid_pre", layer], *mask, start_at_layer=layer, n_layers=layer + 1)
+        depth = min(layer, batch.values.shape[1] - 1)
+        truncated_drop = _accuracy(clean_truncated, batch)[0, depth] - _accuracy(truncated, batch)[:, depth]
+        for h in range(H):
+            frames["mean"][f"L{layer}H{h}"] = (clean - full[h]).numpy()
+            frames["resample"][f"L{layer}H{h}"] = (clean - full[H + h]).numpy()
+            frames["truncated"][f"L{layer}H{h}"] = [float(truncated_drop[h]) if layer < batch.values.shape[1] else np.nan]
+    result = {kind: pd.DataFrame.from_dict(rows, orient="index", columns=columns if kind != "truncated" else ["drop"])
+              for kind, rows in frames.items()}
+    if model.cfg.tied:
+        rows = {}
+        for h in range(H):
+            hooks = [(f"blocks.{layer}.attn.hook_z", _ablating([(h, cache["z", layer][:, :, h].mean(0, keepdim=True))], B))
+                     for layer in range(L)]
+            rows[f"H{h}"] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=hooks), batch)[0]).numpy()
+        result["every_iteration"] = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+    return result
 
 
 @dataclass
 class HeadReport:
-    scores: pd.DataFrame  # one row per head: layer, head, label, kind scores, uniform references, ablation_drop
-    position_drops: pd.DataFrame | None  # one row per head "L{l}H{h}", one column per chain position
-    group_drops: pd.DataFrame | None  # one row per label, one column per chain position
+    scores: pd.DataFrame  # one row per head, columns RECORD_FIELDS (drops: the largest over chain depths)
+    lifts: np.ndarray  # (L, H, R, K) lift of every (role, kind), NaN where unscored
+    drops: dict[str, pd.DataFrame] | None  # see :func:`ablation_drops`
 
     def to_frame(self) -> pd.DataFrame:
         return self.scores
 
     def to_records(self) -> list[dict]:
         fields = [f for f in RECORD_FIELDS if f in self.scores]
-        return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-                for row in self.scores[fields].to_dict(orient="records")]
+        return [{k: (None if isinstance(v, float) and np.isnan(v) else v.item() if hasattr(v, "item") else v)
+                 for k, v in row.items()} for row in self.scores[fields].to_dict(orient="records")]
+
+    def role_frame(self, layer: int, head: int) -> pd.DataFrame:
+        """Lift of every kind (columns) at every query role (rows) for one head."""
+        return pd.DataFrame(self.lifts[layer, head], index=list(ROLES), columns=list(KINDS))
 
     def plot(self) -> go.Figure:
         return head_map_figure(self)
 
 
 def classify_heads(model, batch: LegoBatch, task: LegoTask, ablate: bool = True) -> HeadReport:
-    """Scores, labels and (with ``ablate``) the causal check for every head."""
-    scores = head_scores(model, batch, task)
+    """Labels, scores and (with ``ablate``) the causal checks for every head, on full-length ``batch``."""
+    scores, lifts = head_scores(model, batch, task)
     if not ablate:
-        return HeadReport(scores, None, None)
-    singles = {f"L{l}H{h}": [(l, h)] for l, h in zip(scores["layer"], scores["head"])}
-    position_drops = ablation_drops(model, batch, singles)
-    scores["ablation_drop"] = position_drops.mean(axis=1).to_numpy()
-    groups = {label: list(zip(part["layer"], part["head"])) for label, part in scores.groupby("label")}
-    return HeadReport(scores, position_drops, ablation_drops(model, batch, groups))
+        return HeadReport(scores, lifts, None)
+    drops = ablation_drops(model, batch.to(next(model.parameters()).device))
+    scores["mean_drop"] = drops["mean"].max(axis=1).to_numpy()
+    scores["resample_drop"] = drops["resample"].max(axis=1).to_numpy()
+    scores["truncated_drop"] = drops["truncated"]["drop"].to_numpy()
+    if "every_iteration" in drops:
+        scores["every_iteration_drop"] = drops["every_iteration"].max(axis=1).to_numpy()[scores["head"]]
+    return HeadReport(scores, lifts, drops)
 
 
 def head_map_figure(report: HeadReport) -> go.Figure:
-    """Layer x head grid coloured by label, every score on hover."""
+    """Layer x head grid coloured by label (only the labels that occur), lift and ablation drops on hover."""
     frame = report.scores
-    labels = list(COLOURS)
+    present = [name for name in COLOURS if name in set(frame["label"])]
     n_layers, n_heads = frame["layer"].max() + 1, frame["head"].max() + 1
-    code = frame["label"].map(labels.index).to_numpy().reshape(n_layers, n_heads)
-    hover = frame.apply(lambda r: "<br>".join([f"L{r.layer}H{r.head}: <b>{r.label}</b>"]
-                                              + [f"{k}: {r[k]:.2f} (uniform {r[k + '_uniform']:.2f})" for k in KINDS]
-                                              + ([f"ablation drop: {r.ablation_drop:.3f}"] if "ablation_drop" in r else [])),
-                        axis=1).to_numpy().reshape(n_layers, n_heads)
-    # a stepped colour scale: label i owns the band [i, i + 1), and its code sits in the band's middle
-    scale = [[(i + e) / len(labels), COLOURS[name]] for i, name in enumerate(labels) for e in (0, 1)]
-    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(labels), colorscale=scale, text=hover,
-                                  hovertemplate="%{text}<extra></extra>", xgap=2, ygap=2, showscale=False))
-    for name in labels:  # a legend entry per label
+    code = frame["label"].map(present.index).to_numpy().reshape(n_layers, n_heads)
+    drop = [c for c in ("truncated_drop", "mean_drop", "resample_drop") if c in frame]
+
+    def hover(r):
+        lines = [f"L{r.layer}H{r.head}: <b>{r.label}</b> (at the {r.role} token, lift {r.lift:.2f})",
+                 f"self {r['self']:.2f}, entropy {r.entropy:.2f}"]
+        return "<br>".join(lines + [f"{c.replace('_', ' ')}: {r[c]:.2f}" for c in drop])
+    text = frame.apply(hover, axis=1).to_numpy().reshape(n_layers, n_heads)
+    cell = frame.apply(lambda r: f"{r.label}<br>{r.lift:.2f}", axis=1).to_numpy().reshape(n_layers, n_heads)
+    scale = [[(i + e) / len(present), COLOURS[name]] for i, name in enumerate(present) for e in (0, 1)]
+    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(present), colorscale=scale, text=text, customdata=cell,
+                                  texttemplate="%{customdata}", hovertemplate="%{text}<extra></extra>", xgap=2, ygap=2,
+                                  showscale=False, textfont=dict(size=9)))
+    for name in present:
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
                                     marker=dict(size=12, symbol="square", color=COLOURS[name])))
-    figure.update_layout(title="Attention heads by type", xaxis=dict(title="head", dtick=1),
-                         yaxis=dict(title="layer", dtick=1, autorange="reversed"), template="plotly_white",
-                         height=120 + 28 * n_layers, width=420 + 40 * n_heads)
+    figure.update_layout(title=f"Attention heads by kind (label where lift >= {LABEL_THRESHOLD})", template="plotly_white",
+                         xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1, autorange="reversed"),
+                         height=160 + 34 * n_layers, width=460 + 90 * n_heads)
     return figure
 
 

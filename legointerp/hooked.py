@@ -1,9 +1,11 @@
 """Hooked models: a checkpoint as a TransformerLens model.
 
-``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, and the
-analyses run on it (it is ~1.5x faster than the bridge).  ``to_bridge`` exports any model to a
-TransformerLens 4 ``TransformerBridge`` with equal logits, so the whole TL 4 toolset applies; a
-tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that all carry the shared weights.
+``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, cache
+helpers and stacked weights, and the analyses run on it (it is ~1.5x faster than the bridge).
+``to_bridge`` exports any model to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
+the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that
+all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
+one): ``model.to_tokens`` makes its input.
 
 Pitfalls of transformer-lens 4.3 this respects: the bridge starts in train mode (we call eval);
 ``enable_compatibility_mode()`` with its default weight processing changes raw logits when

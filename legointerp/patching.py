@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from legointerp.evaluate import clause_logits
+from legointerp.evaluate import Inference, clause_logits
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, C) -> scalar
@@ -92,75 +92,148 @@ def normalised_metric(model, pair: PatchingPair) -> Metric:
     return lambda logits: (logit_difference(logits, pair) - low) / (high - low)
 
 
-def _caches(model, pair: PatchingPair, hook: str):
-    names = lambda name: name.endswith(hook)  # noqa: E731
-    _, clean = model.run_with_cache(pair.clean.tokens, names_filter=names)
-    _, corrupted = model.run_with_cache(pair.corrupted.tokens, names_filter=lambda n: n.endswith("hook_resid_pre") or names(n))
-    return clean, corrupted
+def _caches(model, pair: PatchingPair, hooks: tuple[str, ...]):
+    """Clean and corrupted activations at the hook names ending in ``hooks``, from one forward pass each."""
+    wanted = lambda name: name.endswith(hooks)  # noqa: E731
+    return (model.run_with_cache(pair.clean.tokens, names_filter=wanted)[1],
+            model.run_with_cache(pair.corrupted.tokens, names_filter=wanted)[1])
+
+
+def _scores(metric: Metric, logits: torch.Tensor, readout: torch.Tensor, T: int) -> torch.Tensor:
+    """(V, B, R, C) logits at the read-out positions ``readout`` (B, R) -> (V,) the metric of each variant.
+    The metric is handed full (B, T, C) logits, NaN where the patched runs never computed them (NaN, not 0, so a
+    metric that reads elsewhere fails loudly)."""
+    V, B, R, C = logits.shape
+    full = torch.full((V, B, T, C), float("nan"), dtype=logits.dtype)
+    full.scatter_(2, readout.cpu()[None, :, :, None].expand(V, -1, -1, C), logits.cpu())
+    return torch.stack([metric(variant) for variant in full])
 
 
 @torch.no_grad()
-def patch_resid_pre(model, pair: PatchingPair, metric: Metric, max_batch: int = 4096) -> torch.Tensor:
-    """(n_layers, T): the metric after patching the clean ``resid_pre`` at one (layer, position) into the corrupted run."""
-    clean, corrupted = _caches(model, pair, "hook_resid_pre")
-    B, T = pair.clean.tokens.shape
-    result = torch.empty(model.cfg.n_layers, T)
-    for layer in range(model.cfg.n_layers):
+def _run_variants(engine: Inference, metric: Metric, base: torch.Tensor, positions: torch.Tensor,
+                  values: torch.Tensor, start: int, readout: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """(S,) the metric of S patched runs: run s is ``base`` (B, T, D), the residual stream entering block ``start``,
+    with position ``positions[s]`` set to ``values[:, s]`` (values: (B, S, D)).  Variants run stacked, max_batch
+    sentences per call."""
+    B, T, _ = base.shape
+    scores = []
+    for chunk in torch.arange(len(positions)).split(max(1, max_batch // B)):
+        resid = base.repeat(len(chunk), 1, 1, 1)  # (V, B, T, D)
+        resid[torch.arange(len(chunk)), :, positions[chunk]] = values[:, chunk].transpose(0, 1)
+        logits = engine.run(resid.flatten(0, 1), readout.repeat(len(chunk), 1), start=start)
+        scores.append(_scores(metric, logits.unflatten(0, (len(chunk), B)), readout, T))
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+@torch.no_grad()
+def patch_resid_pre(model, pair: PatchingPair, metric: Metric, max_batch: int = 1024) -> torch.Tensor:
+    """(n_layers, T): the metric after patching the clean ``resid_pre`` at one (layer, position) into the corrupted run.
+
+    Each variant runs only the blocks from the patched layer on, and the last block only at the clause-first tokens
+    the metric reads; a site whose clean and corrupted activations are equal (at layer 0, every position but the
+    corrupted token) scores the corrupted run's metric without a run."""
+    clean, corrupted = _caches(model, pair, ("hook_resid_pre",))
+    engine, readout = Inference(model), pair.clean.clause_pos
+    L, T = model.cfg.n_layers, pair.clean.tokens.shape[1]
+    baseline = _scores(metric, engine.run(engine.embed(pair.corrupted.tokens), readout)[None], readout, T)
+    result = baseline.expand(L, T).clone()
+    for layer in range(L):
         base, source = corrupted["resid_pre", layer], clean["resid_pre", layer]
-        for positions in torch.arange(T).split(max(1, max_batch // B)):
-            resid = base.repeat(len(positions), 1, 1, 1)  # (V, B, T, D): one variant per patched position
-            resid[torch.arange(len(positions)), :, positions] = source[:, positions].transpose(0, 1)
-            logits = model(resid.flatten(0, 1), start_at_layer=layer).unflatten(0, (len(positions), B))
-            result[layer, positions] = torch.stack([metric(variant) for variant in logits]).cpu()
+        changed = (base != source).any(-1).any(0).nonzero().flatten()
+        result[layer, changed] = _run_variants(engine, metric, base, changed, source[:, changed], layer, readout, max_batch)
     return result
 
 
 @torch.no_grad()
-def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 4096) -> torch.Tensor:
-    """(n_layers, T, n_heads): the metric after patching one head's clean ``z`` at one position."""
-    clean, corrupted = _caches(model, pair, "attn.hook_z")
-    B, T = pair.clean.tokens.shape
-    H = model.cfg.n_heads
-    result = torch.empty(model.cfg.n_layers, T, H)
-    sites = torch.cartesian_prod(torch.arange(T), torch.arange(H))  # (T * H, 2): every (position, head)
-    for layer in range(model.cfg.n_layers):
-        source = clean["z", layer]  # (B, T, H, E)
-        for chunk in sites.split(max(1, max_batch // B)):
-            positions, heads = chunk[:, 0], chunk[:, 1]
+def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 1024) -> torch.Tensor:
+    """(n_layers, T, n_heads): the metric after patching one head's clean ``z`` at one position.
 
-            def patch(z, hook):
-                z = z.unflatten(0, (len(chunk), B)).clone()
-                z[torch.arange(len(chunk)), :, positions, heads] = source[:, positions, heads].transpose(0, 1)
-                return z.flatten(0, 1)
-
-            resid = corrupted["resid_pre", layer].repeat(len(chunk), 1, 1)
-            logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)])
-            scores = torch.stack([metric(variant) for variant in logits.unflatten(0, (len(chunk), B))])
-            result[layer, positions, heads] = scores.cpu()
+    Patching head h's z at (layer l, position p) changes block l's output only at p, by the head's write
+    ``(z_clean - z_corrupted) @ W_O[h]`` and the MLP's answer to it there: so that position's residual stream is
+    formed directly and the run starts at block l + 1 (for the last layer, only the read-out remains)."""
+    clean, corrupted = _caches(model, pair, ("attn.hook_z", "hook_resid_mid", "hook_resid_post"))
+    engine, readout = Inference(model), pair.clean.clause_pos
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    T = pair.clean.tokens.shape[1]
+    baseline = _scores(metric, engine.run(engine.embed(pair.corrupted.tokens), readout)[None], readout, T)
+    result = baseline.expand(L, T, H).clone()
+    for layer in range(L):
+        difference = clean["z", layer] - corrupted["z", layer]  # (B, T, H, E)
+        sites = (difference != 0).any(-1).any(0).nonzero()  # (S, 2): (position, head) where the runs differ
+        positions, heads = sites[:, 0], sites[:, 1]
+        W_O = model.blocks[layer].attn.W_O.detach()  # (H, E, D)
+        write = torch.einsum("bse,sed->bsd", difference[:, positions, heads], W_O[heads])  # (B, S, D)
+        resid_post = engine.mlp(layer, corrupted["resid_mid", layer][:, positions] + write)
+        result[layer, positions, heads] = _run_variants(engine, metric, corrupted["resid_post", layer], positions,
+                                                        resid_post, layer + 1, readout, max_batch)
     return result
 
 
-def attribution(model, pair: PatchingPair, metric: Metric) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear estimates of :func:`patch_resid_pre` and :func:`patch_head_z` minus the corrupted score, from one
-    forward and one backward pass: ``(n_layers, T)`` and ``(n_layers, T, n_heads)``."""
-    wanted = lambda name: name.endswith(("hook_resid_pre", "attn.hook_z"))  # noqa: E731
+def attribution(model, pair: PatchingPair, metric: Metric, steps: int = 1, heads: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient estimates of :func:`patch_resid_pre` and :func:`patch_head_z` minus the corrupted score:
+    ``(n_layers, T)`` and ``(n_layers, T, n_heads)`` (None without ``heads``).
+
+    ``steps=1`` is attribution patching, ``(clean - corrupted) . d metric / d activation`` at the corrupted run,
+    every site from one forward and one backward pass.  ``steps > 1`` integrates the gradient along the straight
+    line from the corrupted to the clean activations of one site type at one layer (midpoint rule, all steps in one
+    batch; a forward and backward pass per layer and site type): a layer's estimates then sum to the exact effect
+    of patching the whole layer, and a site that is the only one its layer changes (the corrupted token at layer 0)
+    gets its exact effect, as the steps grow."""
+    if steps < 1:
+        raise LegoError(f"steps={steps}: attribution needs at least one gradient step")
+    hooks = ("hook_resid_pre", "attn.hook_z") if heads else ("hook_resid_pre",)
     with torch.no_grad():
-        _, clean = model.run_with_cache(pair.clean.tokens, names_filter=wanted)
+        clean, corrupted = _caches(model, pair, hooks)
+    if steps == 1:
+        gradients = _gradients_at_corrupted(model, pair, metric, list(clean.keys()))
+    else:
+        gradients = {name: _integrated_gradient(model, metric, clean, corrupted, name, steps) for name in clean.keys()}
+    estimate = {name: ((clean[name] - corrupted[name]) * gradients[name]).sum(0).sum(-1).cpu() for name in gradients}
+    L = model.cfg.n_layers
+    resid = torch.stack([estimate[f"blocks.{layer}.hook_resid_pre"] for layer in range(L)])
+    return resid, torch.stack([estimate[f"blocks.{layer}.attn.hook_z"] for layer in range(L)]) if heads else None
+
+
+def _gradients_at_corrupted(model, pair: PatchingPair, metric: Metric, names: list[str]) -> dict[str, torch.Tensor]:
+    """d metric / d activation at the corrupted run, for every hook in ``names``."""
     activations = {}
 
     def keep(activation, hook):
         activation.retain_grad()
         activations[hook.name] = activation
 
-    hooks = [(name, keep) for name in clean.keys()]
     with torch.enable_grad():
-        metric(model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=hooks)).backward()
+        metric(model.run_with_hooks(pair.corrupted.tokens, fwd_hooks=[(name, keep) for name in names])).backward()
     model.zero_grad(set_to_none=True)
-    estimate = {name: ((clean[name] - act.detach()) * act.grad).sum(0) for name, act in activations.items()}
-    L = model.cfg.n_layers
-    resid = torch.stack([estimate[f"blocks.{l}.hook_resid_pre"].sum(-1) for l in range(L)])
-    heads = torch.stack([estimate[f"blocks.{l}.attn.hook_z"].sum(-1) for l in range(L)])
-    return resid.cpu(), heads.cpu()
+    return {name: activation.grad for name, activation in activations.items()}
+
+
+def _integrated_gradient(model, metric: Metric, clean, corrupted, name: str, steps: int) -> torch.Tensor:
+    """d metric / d activation at hook ``name``, averaged over ``steps`` points on the line from its corrupted to its
+    clean value (every other activation of its layer stays corrupted; the later layers follow)."""
+    layer = int(name.split(".")[1])
+    B = corrupted[name].shape[0]
+    alphas = ((torch.arange(steps) + 0.5) / steps).view(-1, *[1] * corrupted[name].ndim)
+    with torch.enable_grad():
+        path = (corrupted[name] + alphas * (clean[name] - corrupted[name])).flatten(0, 1).requires_grad_()
+        resid = corrupted[f"blocks.{layer}.hook_resid_pre"].repeat(steps, 1, 1)
+        if name.endswith("hook_resid_pre"):
+            logits = model(path, start_at_layer=layer)
+        else:
+            logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=[(name, lambda z, hook: path)])
+        total = sum(metric(step) for step in logits.unflatten(0, (steps, B)))
+        (gradient,) = torch.autograd.grad(total, path)
+    return gradient.unflatten(0, (steps, B)).mean(0)
+
+
+def _agreement(exact: torch.Tensor, estimate: torch.Tensor, baseline: float) -> dict:
+    """Pearson and Spearman correlation of an estimate with exact patching over the sites of one type."""
+    from scipy.stats import pearsonr, spearmanr
+
+    exact, estimate = (exact - baseline).flatten().numpy(), estimate.flatten().numpy()
+    return {"sites": len(exact), "pearson": float(pearsonr(exact, estimate)[0]),
+            "spearman": float(spearmanr(exact, estimate)[0])}
 
 
 @dataclass
@@ -168,16 +241,25 @@ class PatchingResult:
     corruption: str
     positions: list[str]  # "position:token #depth" of the template sentence (the clause's chain depth), for axes
     resid_pre: torch.Tensor  # (n_layers, T) exact
-    attribution_resid: torch.Tensor  # (n_layers, T)
+    attribution_resid: torch.Tensor  # (n_layers, T), an estimate of resid_pre minus the corrupted score
     head_z: torch.Tensor | None  # (n_layers, T, n_heads) exact
-    attribution_head: torch.Tensor  # (n_layers, T, n_heads)
+    attribution_head: torch.Tensor | None  # (n_layers, T, n_heads)
+    attribution_steps: int = 1  # 1: attribution patching; more: integrated gradients over that many steps
+    corrupted_score: float = 0.0  # the metric of the corrupted run, which the attribution is measured from
+
+    @property
+    def agreements(self) -> pd.DataFrame:
+        """Per site type (resid_pre, head_z): how many sites, and the Pearson and Spearman (rank) correlation of the
+        attribution estimate with exact patching, measured on these sentences."""
+        rows = {"resid_pre": _agreement(self.resid_pre, self.attribution_resid, self.corrupted_score)}
+        if self.head_z is not None and self.attribution_head is not None:
+            rows["head_z"] = _agreement(self.head_z, self.attribution_head, self.corrupted_score)
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("site").reset_index()
 
     @property
     def agreement(self) -> float:
-        """Pearson correlation of attribution with exact patching over all residual sites (and head sites)."""
-        exact = [self.resid_pre.flatten()] + ([self.head_z.flatten()] if self.head_z is not None else [])
-        estimate = [self.attribution_resid.flatten()] + ([self.attribution_head.flatten()] if self.head_z is not None else [])
-        return float(torch.corrcoef(torch.stack([torch.cat(exact), torch.cat(estimate)]))[0, 1])
+        """Pearson correlation of the attribution estimate with exact patching over the residual sites."""
+        return float(self.agreements["pearson"].iloc[0])
 
     def to_frame(self) -> pd.DataFrame:
         """One row per residual site (head = -1) and per head site: exact score and attribution estimate."""
@@ -188,26 +270,35 @@ class PatchingResult:
         if self.head_z is not None:
             H = self.head_z.shape[-1]
             layer, position, head = torch.meshgrid(torch.arange(L), torch.arange(T), torch.arange(H), indexing="ij")
+            attribution = self.attribution_head if self.attribution_head is not None else torch.full_like(self.head_z, float("nan"))
             frames.append(pd.DataFrame({"site": "head_z", "layer": layer.flatten(), "position": position.flatten(),
                                         "head": head.flatten(), "exact": self.head_z.flatten(),
-                                        "attribution": self.attribution_head.flatten()}))
+                                        "attribution": attribution.flatten()}))
         frame = pd.concat(frames, ignore_index=True)
         frame.insert(3, "token", [self.positions[p] for p in frame["position"]])
         return frame
 
+    def strongest(self, count: int) -> pd.DataFrame:
+        """The ``count`` sites whose exact patch moves the metric furthest from the corrupted run, strongest first."""
+        frame = self.to_frame()
+        effect = (frame["exact"] - self.corrupted_score).abs()
+        return frame.loc[effect.sort_values(ascending=False, kind="stable").index[:count]]
+
     def to_dict(self) -> dict:
+        listed = lambda tensor: None if tensor is None else tensor.tolist()  # noqa: E731
         return {"corruption": self.corruption, "positions": self.positions, "resid_pre": self.resid_pre.tolist(),
-                "attribution_resid": self.attribution_resid.tolist(),
-                "head_z": None if self.head_z is None else self.head_z.tolist(),
-                "attribution_head": self.attribution_head.tolist(), "agreement": self.agreement}
+                "attribution_resid": self.attribution_resid.tolist(), "head_z": listed(self.head_z),
+                "attribution_head": listed(self.attribution_head), "attribution_steps": self.attribution_steps,
+                "corrupted_score": self.corrupted_score, "agreement": self.agreements.to_dict(orient="records")}
 
     def plot(self) -> go.Figure:
         return patching_figure(self)
 
 
-def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", depth: int = 0, heads: bool = True
-          ) -> PatchingResult:
-    """Exact and attribution patching of one corruption (``"sign"`` at chain depth ``depth``, or ``"root"``)."""
+def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", depth: int = 0, heads: bool = False,
+          attribution_steps: int = 4) -> PatchingResult:
+    """Exact and attribution patching of one corruption (``"sign"`` at chain depth ``depth``, or ``"root"``):
+    every residual site, and with ``heads`` every (layer, position, head) too."""
     if corruption == "root":
         pair = flip_root(task, batch)
     elif corruption == "sign":
@@ -217,14 +308,17 @@ def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", dep
     else:
         raise LegoError(f"unknown corruption {corruption!r}: use sign or root")
     metric = normalised_metric(model, pair)
-    attribution_resid, attribution_head = attribution(model, pair, metric)
+    attribution_resid, attribution_head = attribution(model, pair, metric, steps=attribution_steps, heads=heads)
     tokens = task.token_strings(pair.clean.tokens[0])
     clause_depth = {int(start) + offset: k for k, start in enumerate(pair.clean.clause_pos[0]) for offset in range(CLAUSE_LEN)}
     labels = [f"{p}:{t}" + (f" #{clause_depth[p]}" if p in clause_depth else "") for p, t in enumerate(tokens)]
     described = "the root literal" if corruption == "root" else f"the operator at chain depth {depth}"
+    with torch.no_grad():
+        corrupted_score = float(metric(model(pair.corrupted.tokens)))
     return PatchingResult(corruption=f"flip {described}", positions=labels,
                           resid_pre=patch_resid_pre(model, pair, metric), attribution_resid=attribution_resid,
-                          head_z=patch_head_z(model, pair, metric) if heads else None, attribution_head=attribution_head)
+                          head_z=patch_head_z(model, pair, metric) if heads else None, attribution_head=attribution_head,
+                          attribution_steps=attribution_steps, corrupted_score=corrupted_score)
 
 
 def patching_figure(result: PatchingResult) -> go.Figure:

@@ -20,12 +20,13 @@ def clause_of_position(tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(special, -1, slot.expand_as(tokens))
 
 
-def association_mask(tokens: torch.Tensor, is_variable: torch.Tensor) -> torch.Tensor:
-    """(B, T, T): query is a variable token, key is another occurrence of the same token.
-    ``is_variable``: (B, T) bool."""
-    same = tokens[:, :, None] == tokens[:, None, :]
-    off_diagonal = ~torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
-    return same & off_diagonal & is_variable[:, :, None]
+def association_mask(tokens: torch.Tensor, is_variable: torch.Tensor, include_self: bool = False) -> torch.Tensor:
+    """(B, T, T): query is a variable token, key is another occurrence of the same token (or any occurrence, itself
+    included, as in the paper's 1[u_i = u_j], with ``include_self``).  ``is_variable``: (B, T) bool."""
+    same = (tokens[:, :, None] == tokens[:, None, :]) & is_variable[:, :, None]
+    if include_self:
+        return same
+    return same & ~torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
 
 
 def manipulation_mask(tokens: torch.Tensor) -> torch.Tensor:

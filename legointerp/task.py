@@ -226,27 +226,33 @@ class LegoTask:
             raise LegoError(f"the sentence is empty: write clauses like 'a{eq}{self.op_names[0]}{self.group.literal_names[0]}{sep} b{eq}{self.op_names[-1]}a'")
         if len(parts) > max_clauses:
             raise LegoError(f"the sentence has {len(parts)} clauses, more than the {max_clauses} allowed here: shorten it")
-        ops_longest_first = sorted(range(self.group.n_ops), key=lambda i: -len(self.op_names[i]))
         sentence = Sentence()
         for part in parts:
             lhs, found, rhs = part.partition(eq)
-            lhs, rhs = lhs.strip(), "".join(rhs.split())
+            lhs, words = lhs.strip(), rhs.split()
+            rhs = "".join(words)
             if not found or not lhs or not rhs:
                 raise LegoError(f"clause {part!r} is not of the form 'variable{eq}op operand'")
             if lhs not in self.var_index:
                 raise LegoError(f"unknown variable {lhs!r} in clause {part!r}: variables are single letters of "
                                 f"{self.config.alphabet + self.config.heldout_alphabet!r}")
-            op = next((i for i in ops_longest_first if rhs.startswith(self.op_names[i])), None)
-            if op is None:
+            ops = [i for i, name in enumerate(self.op_names) if rhs.startswith(name)]
+            if not ops or (len(words) == 2 and words[0] not in self.op_names):
                 raise LegoError(f"unknown operator in clause {part!r}: use one of {' '.join(self.op_names)}")
-            operand = rhs[len(self.op_names[op]):]
-            if operand in self.literal_index:
-                sentence.clauses.append(Clause(lhs, op, operand, True))
-            elif operand in self.var_index:
-                sentence.clauses.append(Clause(lhs, op, operand, False))
-            else:
+            # every split of op and operand that reads; a space written between them picks one (zN: +210 is +2 10 or +21 0)
+            readings = [(i, rhs[len(self.op_names[i]):]) for i in ops
+                        if rhs[len(self.op_names[i]):] in self.literal_index or rhs[len(self.op_names[i]):] in self.var_index]
+            if len(words) == 2:
+                readings = [r for r in readings if self.op_names[r[0]] == words[0]]
+            if not readings:
+                operand = rhs[len(max((self.op_names[i] for i in ops), key=len)):]
                 raise LegoError(f"unknown symbol {operand!r} in clause {part!r}: an operand is a variable or one of "
                                 f"{' '.join(self.group.literal_names)}")
+            if len(readings) > 1:
+                spelled = " or ".join(f"'{lhs}{eq}{self.op_names[i]} {operand}'" for i, operand in readings)
+                raise LegoError(f"clause {part!r} is ambiguous: write a space between operator and operand, {spelled}")
+            op, operand = readings[0]
+            sentence.clauses.append(Clause(lhs, op, operand, operand in self.literal_index))
         seen: set[str] = set()
         for clause in sentence.clauses:
             if clause.variable in seen:

@@ -1,8 +1,12 @@
 """Training: presets, the loop (CPU, CUDA with bf16 autocast, DDP under torchrun), exact resume.
 
-Every step draws its batch from a generator seeded by (seed, step, rank), so the data stream is a
-pure function of the step: resuming from a checkpoint replays exactly the batches an uninterrupted
-run would have seen, and on the CPU ends with identical weights.
+Every step draws its batch from a generator seeded by (seed, step, rank) and its stochastic depth from
+(seed, step), so the data stream is a pure function of the step and the process count: resuming from a
+checkpoint replays exactly the batches, depths, curriculum and learning rates an uninterrupted run would
+have seen.  On the CPU the resumed run ends with bit-identical weights and log.  On CUDA the stream is the
+same but GPU kernels (atomic adds in the backward pass, bf16 autocast) are not bit-deterministic, so weights
+agree to rounding, not bit for bit.  Resume refuses a different process count, which would change the stream.
+Ctrl-C and SIGTERM (preemption) stop every process at the same step boundary and save first.
 """
 
 from __future__ import annotations
@@ -10,19 +14,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from legointerp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from legointerp.checkpoint import BUNDLED_FILES, Checkpoint, bundled_path, load_checkpoint, save_checkpoint
+from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, clause_logits, test_batch
+from legointerp.files import OutputLock, atomic_write, prepare_output, remove_stale_temps
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig
+from legointerp.options import check_train_config, resolve_device
 from legointerp.patterns import association_mask, manipulation_mask, row_normalised
 from legointerp.task import LegoBatch, LegoTask, TaskConfig, supervision_mask
 
@@ -61,6 +71,9 @@ class TrainConfig:
     eval_size: int = 2000
     save_every: int = 1000
 
+    def __post_init__(self):
+        check_train_config(self)
+
     def task_config(self) -> TaskConfig:
         return TaskConfig(group=self.group, n=self.n)
 
@@ -94,6 +107,39 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class TrainingCost:
+    """Analytic cost of a training step of a config (bf16 autocast, as on CUDA), from the shapes alone."""
+
+    flops_per_sentence: float  # forward + backward matmul FLOPs (backward = 2x forward; no recomputation)
+    parameters: int
+    state_bytes: int  # fp32 weights, gradients and both AdamW moments, plus autocast's bf16 copy of the weights
+    activation_bytes_per_sentence: int  # tensors saved for the backward pass
+    batch_size: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """State plus one batch's saved activations; the backward pass's short-lived buffers come on top."""
+        return self.state_bytes + self.batch_size * self.activation_bytes_per_sentence
+
+
+def training_cost(config: TrainConfig) -> TrainingCost:
+    """FLOPs and memory of ``config``'s training step.  Per token and layer, the bytes saved for backward are
+    the two LayerNorm inputs (fp32: 8 D) and their statistics (16), the bf16 casts of both normalised inputs
+    (4 D), q, k and v (6 D), the attention output (2 D) and its log-sum-exp (4 per head), the MLP's pre- and
+    post-GELU (4 d_mlp); after the last layer, the final LayerNorm's input and its bf16 cast (6 D).
+    tests/test_train.py checks both counts against torch's own on the CPU."""
+    task = LegoTask(config.task_config())
+    T, D, M, H, L = task.n_ctx, config.d_model, config.d_mlp, config.n_heads, config.n_layers
+    V = task.n_classes
+    layer_weights = 4 * D * D + 2 * D * M
+    forward = L * T * (2 * layer_weights + 4 * T * D) + 2 * T * D * V
+    parameters = sum(p.numel() for p in LegoTransformer(config.model_config(task)).parameters())
+    return TrainingCost(flops_per_sentence=3 * forward, parameters=parameters, state_bytes=18 * parameters,
+                        activation_bytes_per_sentence=T * (L * (20 * D + 4 * M + 4 * H + 16) + 6 * D),
+                        batch_size=config.batch_size)
+
+
 def log_path(checkpoint_path: Path) -> Path:
     """Per-position test accuracy at every evaluation, one JSON object per line, beside the checkpoint."""
     return checkpoint_path.with_suffix(".log.jsonl")
@@ -106,18 +152,14 @@ def read_log(checkpoint_path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {name!r}: use cpu, cuda or auto")
-    return torch.device(name)
-
-
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % (2**63))
+
+
+def depth_generator(seed: int, step: int) -> torch.Generator:
+    """The stochastic depth of a step, a function of (seed, step) alone: every rank runs the same depth, as one
+    GPU would, and no rank waits for a deeper one."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -145,35 +187,126 @@ def mimicking_loss(patterns: list[torch.Tensor], batch: LegoBatch, task: LegoTas
     return total / (len(targets) * len(patterns))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM at a step boundary, after a resumable checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Checkpoint):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM only record their number, so that they take effect at the next step
+    boundary, never inside ``optimizer.step`` or a save (a half-updated model cannot be resumed exactly)."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def claim_output(out: Path, resume: bool, force: bool) -> OutputLock:
+    """Refuse an --out that would destroy work or could never be loaded, make its folder, and lock it.
+    Temp files that a killed save left beside it are removed (safe only now that no one else writes there)."""
+    if str(out) in BUNDLED_FILES:
+        raise ConfigError(f"--out {out} is the name of a model shipped with legointerp (--ckpt {out} loads that one, "
+                          "never this file): pick another name, e.g. --out model.pt")
+    if bundled_path().parent.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out} is inside legointerp's own data folder, which holds the shipped models: "
+                          "write your model elsewhere, e.g. --out model.pt")
+    if resume and not out.is_file():
+        raise ConfigError(f"--resume found no checkpoint at {out}: point --out at the checkpoint of the run to "
+                          "continue, or start a new run without --resume")
+    if not resume and out.exists() and not force and not out.is_dir():
+        raise ConfigError(f"{out} already exists: add --resume to continue its run, --force to replace it, "
+                          "or pick another --out")
+    lock = OutputLock(prepare_output(out))  # a run still before its first save holds it too
+    for path in (out, log_path(out)):
+        remove_stale_temps(path)
+    return lock
+
+
+def _alias_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are views of the same memory with the same layout (weight-tied aliases)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+
+
+def cpu_state_dict(state: dict[str, torch.Tensor], copy=lambda t: t.detach().cpu()) -> dict[str, torch.Tensor]:
+    """``state`` copied with ``copy`` (default: to the CPU) once per tensor, so that weight-tied aliases stay
+    aliases and ``torch.save`` writes each tied tensor once (``.cpu()`` per entry would copy a CUDA alias 12 times)."""
+    copies: dict[tuple, torch.Tensor] = {}
+    for t in state.values():
+        if _alias_key(t) not in copies:
+            copies[_alias_key(t)] = copy(t)
+    return {name: copies[_alias_key(t)] for name, t in state.items()}
+
+
 class Trainer:
+    """One training run writing ``out``.  Under torchrun every process builds one; rank 0 checks and locks ``out``,
+    evaluates, logs and saves, and every rank raises the same error if ``out`` is refused."""
+
     def __init__(self, config: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True,
-                 command: str | None = None):
+                 command: str | None = None, force: bool = False, compile: bool = False):
         self.config, self.out, self.progress = config, Path(out), progress
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = resolve_device(config.device)
-        if self.world > 1:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # stop requests and answer counts are agreed on the CPU (gloo), so agreeing never waits for the GPU
+        self.host_group = dist.new_group(backend="gloo") if self.world > 1 and self.device.type == "cuda" else None
         if config.batch_size % self.world:
             raise ConfigError(f"batch_size={config.batch_size} must divide evenly over {self.world} processes")
+        self.lock = self._on_every_rank(lambda: claim_output(self.out, resume, force))
+        # a replaced run's log stays until this run's first save, so a run that dies early destroys nothing
+        self.log_live = resume or not self.out.exists()
         self.task = LegoTask(config.task_config())
-        self.loss_mask = config.loss_mask().to(self.device)
+        self.loss_mask = config.loss_mask()
         torch.manual_seed(config.seed)
         self.model = LegoTransformer(config.model_config(self.task)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.step, self.elapsed = 0, 0.0
+        self.step, self.elapsed, self.saved_step = 0, 0.0, None
         self.longest = config.curriculum_start if config.curriculum else config.n
         self.solved_rate = 0.0  # running mean of training sentences fully solved, drives the curriculum
+        self.rows: list[dict] = []  # the log, also kept in the checkpoint: the file is rebuilt from it on resume
         self.provenance = {"command": command or " ".join(sys.argv), "seed": config.seed, "torch": str(torch.__version__)}
         if resume:
             self._resume()
-        elif self.rank == 0:
-            log_path(self.out).unlink(missing_ok=True)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None)
+        self.forward = torch.compile(self.ddp or self.model) if compile else (self.ddp or self.model)
         self.test = test_batch(self.task, config.eval_size, seed=config.seed + 7919)
+
+    def _on_every_rank(self, claim):
+        """Run ``claim`` on rank 0 and return its result there; if it raises, every rank raises the same error
+        (a rank left waiting in a collective would hang under NCCL)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = claim()
+            except LegoInterpError as err:
+                error = err
+        if self.world > 1:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise error
+        return result
 
     def _resume(self):
         checkpoint = load_checkpoint(self.out)
@@ -183,21 +316,40 @@ class Trainer:
         if replace(saved, steps=self.config.steps, device=self.config.device) != self.config:
             raise ConfigError(f"{self.out} was trained with other options; --resume may only change --steps and --device "
                               "(drop the other options to continue that run)")
-        self.model.load_state_dict(checkpoint.state_dict)
-        self.optimizer.load_state_dict(checkpoint.train_state["optimizer"])
         state = checkpoint.train_state
+        world = state.get("world_size")  # absent in checkpoints older than this check
+        if world is not None and world != self.world:
+            how = f"torchrun --nproc_per_node {world}" if world > 1 else "one process (without torchrun)"
+            raise ConfigError(f"{self.out} was trained on {world} process(es), this run has {self.world}: each step's "
+                              f"data depends on the process count, so resume it with {how}")
+        self.model.load_state_dict(checkpoint.state_dict)
+        self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.longest, self.solved_rate = state["longest"], state["solved_rate"]
+        self.saved_step = self.step
+        # rows logged after the last save (a killed run) are dropped: the resumed run logs those steps again
+        self.rows = state.get("log") or [row for row in read_log(self.out) if row["step"] <= self.step]
+        if self.rank == 0:
+            self._write_log()
         # a resumed run is reproduced by its whole history of commands, not by the last one
         self.provenance["command"] = f"{checkpoint.command} && {self.provenance['command']}"
 
-    def train_step(self) -> float:
-        config, model = self.config, self.ddp or self.model
-        generator = step_generator(config.seed, self.step, self.rank)
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on this rank's share of the step's batch.  Returns the loss unread: reading it
+        would make the host wait for the GPU."""
+        config = self.config
         shortest = None if config.min_length is None else min(config.min_length, self.longest)
-        batch = self.task.sample(config.batch_size // self.world, generator, n=self.longest, min_length=shortest)
-        batch = batch.to(self.device)
-        depth = self.model.sample_depth(generator)
+        batch = self.task.sample(config.batch_size // self.world, step_generator(config.seed, self.step, self.rank),
+                                 n=self.longest, min_length=shortest)
+        depth = self.model.sample_depth(depth_generator(config.seed, self.step))
+        supervised = batch.valid & self.loss_mask[: self.longest]
+        # the loss is the mean over every supervised answer of the step on all ranks, not a mean of per-rank
+        # means; DDP averages gradients over ranks, hence the division by count / world
+        count = supervised.sum().float()
+        if self.world > 1:
+            dist.all_reduce(count, group=self.host_group)
+        padded = not bool(batch.attention_mask.all())  # read on the CPU batch: free, where the GPU's would sync
+        batch, supervised = batch.to(self.device), supervised.to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
         patterns: list[torch.Tensor] = []
@@ -205,24 +357,25 @@ class Trainer:
                  if self.step < config.mimic_steps else [])
         with self.model.hooks(fwd_hooks=hooks), torch.autocast(self.device.type, torch.bfloat16,
                                                                 enabled=self.device.type == "cuda"):
-            logits = clause_logits(model(batch.tokens, batch.attention_mask, depth), batch).float()
-            supervised = batch.valid & self.loss_mask[: self.longest]
-            weight = supervised.float()
-            loss = (F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+            out = self.forward(batch.tokens, batch.attention_mask if padded else None, depth)
+            logits = clause_logits(out, batch).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none")
+            loss = (nll * supervised.float()).sum() / (max(float(count), 1.0) / self.world)
             if patterns:
                 loss = loss + mimicking_loss([p.float() for p in patterns], batch, self.task)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        self.step += 1
         if config.curriculum:
             self._advance_curriculum(((logits.argmax(-1) == batch.values) | ~supervised).all(1))
-        return loss.item()
+        self.step += 1  # last, so that every field of the state describes the same step
+        return loss.detach()
 
     def _advance_curriculum(self, solved: torch.Tensor) -> None:
         """Admit chains one clause longer once the running rate of solved training sentences passes the threshold.
-        With DDP the rate is averaged over processes so that every rank grows the same curriculum."""
+        With DDP the rate is averaged over processes so that every rank grows the same curriculum.  The next
+        batch's shape depends on it, so this is the one per-step wait for the GPU, and only with --curriculum."""
         rate = solved.float().mean()
         if self.world > 1:
             dist.all_reduce(rate)
@@ -232,14 +385,23 @@ class Trainer:
             self.longest += 1
             self.solved_rate = 0.0
 
+    def _agreed_stop(self, signum: int) -> int:
+        """The stop request of any rank (0: none), so that all ranks stop at the same step boundary."""
+        if self.world == 1:
+            return signum
+        flag = torch.tensor([signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.host_group)
+        return int(flag)
+
     def evaluate(self) -> list[float]:
         return [round(a, 5) for a in accuracy_by_position(self.model, self.test).tolist()]
 
     def checkpoint(self, accuracy: list[float] | None) -> Checkpoint:
-        return Checkpoint(model_config=self.model.cfg, task_config=self.task.config, state_dict=self.model.state_dict(),
-                          train_config=self.config.to_dict(),
+        return Checkpoint(model_config=self.model.cfg, task_config=self.task.config,
+                          state_dict=cpu_state_dict(self.model.state_dict()), train_config=self.config.to_dict(),
                           train_state={"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                                       "longest": self.longest, "solved_rate": self.solved_rate},
+                                       "longest": self.longest, "solved_rate": self.solved_rate,
+                                       "world_size": self.world, "log": self.rows},
                           accuracy=accuracy, provenance=self.provenance)
 
     def _reached_target(self, accuracy: list[float] | None) -> bool:
@@ -251,47 +413,63 @@ class Trainer:
             dist.broadcast(reached, src=0)
         return bool(reached)
 
-    def _log(self, loss: float, accuracy: list[float]):
-        row = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed_s": round(self.elapsed, 2),
-               "loss": round(loss, 5), "longest_chain": self.longest, "accuracy": accuracy}
-        with log_path(self.out).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    def _write_log(self) -> None:
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        atomic_write(log_path(self.out), lambda f: f.write(text.encode()))
+
+    def _log(self, loss: float, accuracy: list[float]) -> None:
+        self.rows.append({"step": self.step, "samples": self.step * self.config.batch_size,
+                          "elapsed_s": round(self.elapsed, 2), "loss": round(loss, 5), "longest_chain": self.longest,
+                          "accuracy": accuracy})
+        if self.log_live:
+            self._write_log()
+
+    def _save(self, checkpoint: Checkpoint) -> None:
+        """The checkpoint, then the log it holds (a kill in between leaves a log that --resume rebuilds)."""
+        save_checkpoint(checkpoint, self.out)
+        self.saved_step, self.log_live = self.step, True
+        self._write_log()
 
     def fit(self) -> Checkpoint:
-        """Train to ``config.steps``; Ctrl-C saves a resumable checkpoint before stopping."""
+        """Train to ``config.steps``.  SIGINT (Ctrl-C) or SIGTERM on any rank stops every rank at the same step
+        boundary; rank 0 saves a resumable checkpoint and :class:`Interrupted` is raised on every rank."""
         config, leader = self.config, self.rank == 0
         bar = tqdm(total=config.steps, initial=self.step, disable=not (self.progress and leader), unit="step",
                    dynamic_ncols=True)
-        accuracy, loss = None, float("nan")
+        accuracy = self.rows[-1]["accuracy"] if self.rows else None
         try:
-            while self.step < config.steps:
-                started = time.perf_counter()
-                loss = self.train_step()
-                self.elapsed += time.perf_counter() - started
-                bar.update(1)
-                if self.step % config.eval_every == 0 or self.step == config.steps:
-                    if leader:
-                        accuracy = self.evaluate()
-                        self._log(loss, accuracy)
-                        bar.set_postfix(loss=f"{loss:.3f}", longest=self.longest, min_acc=f"{min(accuracy):.3f}")
-                    if self._reached_target(accuracy):
-                        break
-                if leader and self.step % config.save_every == 0 and self.step < config.steps:
-                    save_checkpoint(self.checkpoint(accuracy), self.out)
-        except KeyboardInterrupt:
-            if leader:
-                save_checkpoint(self.checkpoint(accuracy), self.out)
-                bar.write(f"interrupted at step {self.step}: saved {self.out}; continue with --resume")
-            raise
+            with _StopRequests() as requests:
+                stop = 0
+                while self.step < config.steps and not (stop := self._agreed_stop(requests.signum)):
+                    started = time.perf_counter()
+                    loss = self.train_step()
+                    self.elapsed += time.perf_counter() - started
+                    bar.update(1)
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        if leader:
+                            accuracy = self.evaluate()
+                            self._log(float(loss), accuracy)
+                            bar.set_postfix(loss=f"{float(loss):.3f}", longest=self.longest, min_acc=f"{min(accuracy):.3f}")
+                        if self._reached_target(accuracy):
+                            break
+                    if leader and self.step % config.save_every == 0 and self.step < config.steps:
+                        self._save(self.checkpoint(accuracy))
+                if leader and not stop and not (self.rows and self.rows[-1]["step"] == self.step):
+                    accuracy = self.evaluate()
+                final = self.checkpoint(accuracy)
+                if leader and self.saved_step != self.step:
+                    self._save(final)
+                if self.world > 1:
+                    dist.barrier()
         finally:
             bar.close()
-        final = self.checkpoint(self.evaluate() if leader else None)
-        if leader:
-            save_checkpoint(final, self.out)
-        if self.world > 1:
-            dist.barrier()
+            if self.lock is not None:
+                self.lock.release()
+        if stop:
+            raise Interrupted(stop, self.step, final)
         return final
 
 
-def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True) -> Checkpoint:
-    return Trainer(config, out, resume=resume, progress=progress).fit()
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True,
+          force: bool = False) -> Checkpoint:
+    return Trainer(config, out, resume=resume, progress=progress, force=force).fit()

@@ -1,10 +1,11 @@
 import os
 import pickle
+import zipfile
 
 import pytest
 import torch
 
-from legointerp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from legointerp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model, save_checkpoint, weights_digest
 from tests.conftest import small_model
 
 
@@ -78,3 +79,92 @@ def test_an_interrupted_save_keeps_the_previous_file(task, tmp_path, monkeypatch
         save_checkpoint(_checkpoint(task, d_mlp=128), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _tensor_offset(path, name_suffix):
+    """Byte offset of a stored tensor's data inside the checkpoint's zip (torch stores them uncompressed)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(name_suffix))
+    return info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+
+
+def test_a_flipped_byte_in_the_weights_is_caught_by_the_checksum(task, tmp_path):
+    path = save_checkpoint(_checkpoint(task), tmp_path / "model.pt")
+    data = bytearray(path.read_bytes())
+    data[_tensor_offset(path, "data/3") + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused_with_or_without_a_checksum(task, tmp_path):
+    checkpoint = _checkpoint(task)
+    checkpoint.state_dict = {k: v.clone() for k, v in checkpoint.state_dict.items()}
+    checkpoint.state_dict["blocks.1.mlp.W_in"][0, 0] = float("nan")
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(first in blocks.1.mlp.W_in\)"):
+        load_checkpoint(path)
+    payload = torch.load(path, weights_only=True)
+    del payload["sha256"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_saved_before_checksums_still_loads(task, tmp_path):
+    checkpoint = _checkpoint(task)
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["sha256"] == weights_digest(checkpoint.state_dict)
+    del payload["sha256"]
+    torch.save(payload, path)
+    model, _, _ = load_model(path)
+    assert all(torch.equal(v, checkpoint.state_dict[k]) for k, v in model.state_dict().items())
+
+
+def test_the_digest_sees_names_dtypes_and_shapes(task):
+    state = _checkpoint(task).state_dict
+    digest = weights_digest(state)
+    name = "blocks.0.attn.W_Q"
+    renamed = {("x" if k == name else k): v for k, v in state.items()}
+    retyped = {**state, name: state[name].double()}
+    reshaped = {**state, name: state[name].reshape(-1)}
+    assert len({digest, weights_digest(renamed), weights_digest(retyped), weights_digest(reshaped)}) == 4
+
+
+def test_empty_files_and_non_tensor_weights(task, tmp_path):
+    (tmp_path / "zero.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(tmp_path / "zero.pt")
+    path = save_checkpoint(_checkpoint(task), tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "state_dict": "weights"}, path)
+    with pytest.raises(CheckpointError, match="state_dict is a str"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_damaged_pickle_is_never_called_unsafe_nor_passes_on_torchs_advice(task, tmp_path):
+    path = save_checkpoint(_checkpoint(task), tmp_path / "model.pt")
+    start = _tensor_offset(path, "data.pkl")
+    data = path.read_bytes()
+    messages = set()
+    for k in range(0, 400, 3):  # bytes of the pickle overwritten one at a time: most fail, each its own way
+        damaged = bytearray(data)
+        damaged[start + k] = 0xFE
+        (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+        try:
+            load_checkpoint(tmp_path / "damaged.pt")
+        except CheckpointError as err:
+            messages.add(str(err))
+    assert any("is damaged or not a legointerp checkpoint" in m for m in messages)  # the unpickler refused it
+    assert not any("could run code" in m or "weights_only" in m or "\n" in m for m in messages)
+
+
+def test_a_checkpoint_naming_code_is_called_unsafe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "legointerp-checkpoint/1", "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="could run code") as caught:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(caught.value) and not (tmp_path / "pwned").exists()

@@ -1,9 +1,11 @@
+import io
 import json
 
 import pytest
+import torch
 
 from legointerp.checkpoint import Checkpoint, save_checkpoint
-from legointerp.cli import main
+from legointerp.cli import EXIT_BROKEN_PIPE, main
 from legointerp.task import LegoTask, TaskConfig
 from tests.conftest import small_model
 
@@ -113,3 +115,145 @@ def test_each_analysis_keeps_its_own_default_sample_count():
     defaults = {command: parser.parse_args([command]).samples for command in ("heads", "probe", "patch", "shortcut", "report")}
     assert defaults["heads"] < defaults["probe"] and defaults["patch"] < defaults["heads"]
     assert defaults["probe"] == defaults["shortcut"] == defaults["report"]
+
+
+# ---------------------------------------------------------------------------- bad input, table-driven
+@pytest.fixture
+def inputs(tmp_path, ckpt):
+    """Bad and odd input files in tmp_path/in; returns the placeholders the table's argv use."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "binary.txt").write_bytes(bytes(range(256)))
+    (folder / "latin1.txt").write_bytes("a=+1; b=-a\nc=+1  # café\n".encode("latin-1"))
+    (folder / "nul.txt").write_bytes(b"a=+1\n\0\0\n")
+    (folder / "bad_line.txt").write_text("a=+1; b=-a\n" * 516 + "a=+1; b=-q\n" + "a=+1\n" * 484)
+    (folder / "a_file").write_text("x")
+    (folder / "zero.pt").write_bytes(b"")
+    payload = torch.load(ckpt, weights_only=True)
+    torch.save({**payload, "state_dict": "weights"}, folder / "string_state.pt")
+    read_only = folder / "read_only.html"
+    read_only.write_text("keep")
+    read_only.chmod(0o444)
+    return {"ckpt": str(ckpt), "in": str(folder)}
+
+
+BAD_INPUTS = {
+    "binary --file": ["predict", "--ckpt", "{ckpt}", "--file", "{in}/binary.txt"],
+    "latin-1 --file": ["predict", "--ckpt", "{ckpt}", "--file", "{in}/latin1.txt"],
+    "NUL bytes in --file": ["predict", "--ckpt", "{ckpt}", "--file", "{in}/nul.txt"],
+    "bad line 517 in --file": ["predict", "--ckpt", "{ckpt}", "--file", "{in}/bad_line.txt"],
+    "--file is a folder": ["predict", "--ckpt", "{ckpt}", "--file", "{in}"],
+    "ambiguous zN clause": ["solve", "a=+210", "--group", "z64"],
+    "solve --max-clauses 0": ["solve", "a=+1", "--max-clauses", "0"],
+    "zero-byte checkpoint": ["eval", "--ckpt", "{in}/zero.pt"],
+    "state dict is a string": ["eval", "--ckpt", "{in}/string_state.pt"],
+    "checkpoint is a folder": ["eval", "--ckpt", "{in}"],
+    "--device tpu": ["eval", "--ckpt", "{ckpt}", "--device", "tpu"],
+    "--device cuda:x": ["heads", "--ckpt", "{ckpt}", "--device", "cuda:x"],
+    "--device cuda:99": ["eval", "--ckpt", "{ckpt}", "--device", "cuda:99"],
+    "--file missing": ["predict", "--ckpt", "{ckpt}", "--file", "{in}/missing.txt"],
+    "--samples 0": ["eval", "--ckpt", "{ckpt}", "--samples", "0"],
+    "--samples -1": ["probe", "--ckpt", "{ckpt}", "--samples", "-1"],
+    "--samples 1e9": ["heads", "--ckpt", "{ckpt}", "--samples", "1e9"],
+    "--samples 10**9": ["patch", "--ckpt", "{ckpt}", "--samples", str(10**9)],
+    "probe --samples 1": ["probe", "--ckpt", "{ckpt}", "--samples", "1"],
+    "report --head-samples 1": ["report", "--ckpt", "{ckpt}", "--head-samples", "1", "--out", "r.html"],
+    "--seed 2**70": ["eval", "--ckpt", "{ckpt}", "--seed", str(2**70)],
+    "--seed -1": ["shortcut", "--ckpt", "{ckpt}", "--seed", "-1"],
+    "--threshold nan": ["probe", "--ckpt", "{ckpt}", "--threshold", "nan"],
+    "--threshold 2": ["probe", "--ckpt", "{ckpt}", "--threshold", "2"],
+    "--threshold -1": ["probe", "--ckpt", "{ckpt}", "--threshold", "-1"],
+    "--view-heads 99.99": ["heads", "--ckpt", "{ckpt}", "--samples", "8", "--view", "v.html", "--view-heads", "99.99"],
+    "--view-heads without --view": ["heads", "--ckpt", "{ckpt}", "--samples", "8", "--view-heads", "0.0"],
+    "--depth -1": ["patch", "--ckpt", "{ckpt}", "--depth", "-1"],
+    "--plot is a folder": ["heads", "--ckpt", "{ckpt}", "--plot", "{in}"],
+    "--plot under a file": ["probe", "--ckpt", "{ckpt}", "--plot", "{in}/a_file/map.html"],
+    "--plot read-only": ["shortcut", "--ckpt", "{ckpt}", "--plot", "{in}/read_only.html"],
+    "--view is a folder": ["heads", "--ckpt", "{ckpt}", "--view", "{in}"],
+    "report --out is a folder": ["report", "--ckpt", "{ckpt}", "--out", "{in}"],
+    "report --out under a file": ["report", "--ckpt", "{ckpt}", "--out", "{in}/a_file/r.html"],
+    "train --out is a folder": ["train", "--out", "{in}", "--steps", "1"],
+    "train --out under a file": ["train", "--out", "{in}/a_file/m.pt", "--steps", "1"],
+    "train --out read-only": ["train", "--out", "{in}/read_only.html", "--steps", "1"],
+    # one train option out of its range each
+    **{f"{flag} {value}": ["train", flag, value] for flag, value in [
+        ("--eval-size", "0"), ("--batch-size", "0"), ("--batch-size", "-1"), ("--steps", "-5"), ("--lr", "nan"),
+        ("--lr", "inf"), ("--lr", "-1"), ("--weight-decay", "-1"), ("--n-heads", "0"), ("--eval-every", "0"),
+        ("--save-every", "0"), ("--min-length", "0"), ("--min-length", "30"), ("--decay", "2"),
+        ("--target-accuracy", "0"), ("--supervised", "0,99"), ("--group", "q7"),
+    ]},
+    "--n-heads 1 with mimicking": ["train", "--n-heads", "1", "--mimic-steps", "10"],
+    "--n-heads 3 does not divide": ["train", "--n-heads", "3"],
+    "--curriculum-start 0": ["train", "--curriculum", "--curriculum-start", "0"],
+    "--curriculum-start 100": ["train", "--curriculum", "--curriculum-start", "100"],
+    "train --device tpu": ["train", "--device", "tpu"],
+    "unknown option": ["train", "--frobnicate"],
+    "unknown command": ["frobnicate"],
+    "no command": [],
+    "bad --format": ["eval", "--format", "xml"],
+}
+
+
+def _snapshot(root):
+    return {(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, inputs, argv):
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    code, out, err = run(capsys, *[a.format(**inputs) for a in argv])
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_argparse_errors_point_at_help_instead_of_a_usage_block(capsys):
+    code, _, err = run(capsys, "eval", "--samples", "0")
+    assert code == 2 and "usage:" not in err and "legointerp eval --help" in err and "1..100000" in err
+
+
+def test_a_bad_line_is_named_by_its_line_number(capsys, inputs):
+    _, _, err = run(capsys, "predict", "--ckpt", inputs["ckpt"], "--file", inputs["in"] + "/bad_line.txt")
+    assert "line 517:" in err and "'q'" in err
+    _, _, err = run(capsys, "predict", "--ckpt", inputs["ckpt"], "--file", inputs["in"] + "/latin1.txt")
+    assert "line 2:" in err and "UTF-8" in err
+
+
+def test_file_dash_reads_standard_input(capsys, monkeypatch, ckpt):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a=+1; b=-a\n\nc=+1; d=-e\n")))
+    code, _, err = run(capsys, "predict", "--ckpt", ckpt, "--file", "-")
+    assert code == 2 and "stdin line 3:" in err and "'e'" in err
+
+
+def test_ambiguous_clause_asks_for_a_space_and_a_space_resolves_it(capsys):
+    code, _, err = run(capsys, "solve", "a=+210", "--group", "z64")
+    assert code == 2 and "ambiguous" in err and "'a=+2 10'" in err and "'a=+21 0'" in err
+    for text, value in (("a=+21 0", "21"), ("a=+2 10", "12"), ("a=+12", "3")):
+        code, out, _ = run(capsys, "solve", text, "--group", "z64", "--format", "json")
+        assert code == 0 and json.loads(out) == {"a": value}
+
+
+def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    code = main(["solve", "a=+1; b=-a"])
+    assert code == EXIT_BROKEN_PIPE and capsys.readouterr().err == ""
+
+
+def test_device_auto_works_everywhere(capsys, ckpt):
+    code, out, _ = run(capsys, "eval", "--ckpt", ckpt, "--samples", 20, "--device", "auto", "--format", "json")
+    assert code == 0 and json.loads(out)["samples"] == 20
+
+
+def test_report_json_summarises_the_written_page(capsys, ckpt, tmp_path):
+    page = tmp_path / "nested" / "r.html"
+    code, out, _ = run(capsys, "report", "--ckpt", ckpt, "--samples", 10, "--head-samples", 2, "--patch-samples", 1,
+                       "--quiet", "--out", page, "--format", "json")
+    document = json.loads(out)
+    assert code == 0 and page.stat().st_size > 0 and document["report"] == str(page)
+    assert list(document["accuracy"]) == [str(k) for k in range(6)] and len(document["heads"]) == 3 * 4
+    assert document["shortcut"] in {"shortcut", "no shortcut", "inconclusive"}

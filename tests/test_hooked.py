@@ -69,3 +69,56 @@ def test_head_classifier_runs_on_the_bridge_and_agrees(task):
     assert (ours["label"] == theirs["label"]).all()
     columns = ["association", "manipulation", "broadcast", "self", "previous", "next", "ablation_drop"]
     assert ((ours[columns] - theirs[columns]).abs() < 1e-4).all().all()
+
+
+WEIGHTS = "W_Q W_K W_V W_O b_Q b_K b_V b_O W_in b_in W_out b_out W_E W_pos W_U b_U".split()
+
+
+@pytest.mark.parametrize("kind", ["bert", "albert"])
+def test_stacked_weights_equal_the_bridges(task, kind):
+    model = perturbed(small_model(task, **KINDS[kind]))
+    bridge = to_bridge(model)
+    for name in WEIGHTS:
+        ours, theirs = getattr(model, name), getattr(bridge, name)
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs), name
+    assert torch.allclose(model.QK.AB, bridge.QK.AB, atol=1e-6) and torch.allclose(model.OV.AB, bridge.OV.AB, atol=1e-6)
+    for layer, mlp_input in [(0, False), (2, True), (3, False)]:
+        assert torch.allclose(model.accumulated_bias(layer, mlp_input), bridge.accumulated_bias(layer, mlp_input))
+
+
+def test_cache_helpers_agree_with_the_bridges(task):
+    model = perturbed(small_model(task))
+    bridge = to_bridge(model)
+    tokens = task.sample(4, torch.Generator().manual_seed(0)).tokens
+    _, ours = model.run_with_cache(tokens)
+    _, theirs = bridge.run_with_cache(tokens)
+    values = torch.randint(task.n_classes, (4, task.n_ctx), generator=torch.Generator().manual_seed(2))
+    helpers = {
+        "accumulated_resid": lambda c: c.accumulated_resid(apply_ln=True, incl_mid=True),
+        "decompose_resid": lambda c: c.decompose_resid(apply_ln=True),
+        "decompose_resid mlp_input": lambda c: c.decompose_resid(layer=1, mlp_input=True, apply_ln=True),
+        "stack_head_results": lambda c: c.stack_head_results(apply_ln=True, incl_remainder=True),
+        "apply_ln_to_stack ln2": lambda c: c.apply_ln_to_stack(c.decompose_resid(layer=2, mlp_input=True), 2, mlp_input=True),
+        "logit_attrs": lambda c: c.logit_attrs(c.decompose_resid(), values, incorrect_tokens=1 - values),
+        "full decomposition": lambda c: c.get_full_resid_decomposition(expand_neurons=False, apply_ln=True),
+    }
+    for name, helper in helpers.items():
+        assert torch.allclose(helper(ours), helper(theirs), atol=1e-4), name
+    labels = ours.decompose_resid(return_labels=True)[1]
+    assert labels[:2] == ["embed", "pos_embed"] and len(labels) == 2 + 2 * model.cfg.n_layers
+
+
+def test_head_results_only_when_asked_and_equal_the_bridges(task):
+    model = perturbed(small_model(task))
+    tokens = task.sample(4, torch.Generator().manual_seed(0)).tokens
+    logits, cache = model.run_with_cache(tokens)
+    assert "blocks.0.attn.hook_result" not in cache.cache_dict
+    model.set_use_attn_result(True)
+    logits_with_results, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits_with_results, logits, atol=1e-5)
+    result = cache["result", 1]
+    assert result.shape == (4, task.n_ctx, model.cfg.n_heads, model.cfg.d_model)
+    assert torch.allclose(result.sum(-2) + model.blocks[1].attn.b_O, cache["attn_out", 1], atol=1e-5)
+    _, theirs = to_bridge(model).run_with_cache(tokens)
+    assert torch.allclose(cache.stack_head_results(), theirs.stack_head_results(), atol=1e-4)
+    assert "use_attn_result" not in model.cfg.to_dict()

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from legointerp.model import ConfigError, ModelConfig
+from legointerp.errors import LegoInterpError
+from legointerp.model import ConfigError, ModelConfig, affine
+from legointerp.task import LegoTask, TaskConfig
 from tests.conftest import small_model
 
 
@@ -79,3 +81,47 @@ def test_starting_at_a_layer_from_its_cached_residual_gives_the_same_logits(task
     logits, cache = model.run_with_cache(tokens)
     for layer in range(3):
         assert torch.allclose(model(cache["resid_pre", layer], start_at_layer=layer), logits, atol=1e-5)
+
+
+def test_affine_is_exact_in_fp32_and_stays_in_bf16_under_autocast():
+    generator = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(3, 5, 256, generator=generator), torch.randn(256, 96, generator=generator), torch.randn(96, generator=generator)
+    assert torch.equal(affine(x, W, b), x @ W + b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert affine(x, W, b).dtype == torch.bfloat16
+
+
+def test_to_tokens_reads_what_the_generator_wrote(task):
+    model = small_model(task)
+    model.set_task(task)
+    batch = task.sample(3, torch.Generator().manual_seed(0))
+    texts = [task.to_text(row) for row in batch.tokens]
+    assert torch.equal(model.to_tokens(texts), batch.tokens)
+    assert model.to_string(batch.tokens) == texts
+    assert model.to_str_tokens(texts[0]) == task.token_strings(batch.tokens[0])
+    assert model.to_str_tokens(batch.tokens[:2]) == [task.token_strings(row) for row in batch.tokens[:2]]
+    short = model.to_tokens(["a=+1", "a=+1; b=-a"])
+    assert short.shape == (2, 12) and model.to_str_tokens(short[0])[-1] == "[PAD]"
+    assert model.to_single_token("=") == task.equals_id
+    assert torch.equal(model.tokens_to_residual_directions("-1"), model.W_U[:, 1])
+    assert model.tokens_to_residual_directions(torch.tensor([[0, 1]])).shape == (1, 2, model.cfg.d_model)
+
+
+@pytest.mark.parametrize("call, problem", [
+    (lambda model: model.to_tokens("a=+1; a=-a"), "assigned twice"),
+    (lambda model: model.to_tokens([]), "empty list"),
+    (lambda model: model.to_single_token("zz"), "not a single token"),
+    (lambda model: model.tokens_to_residual_directions("7"), "not a value"),
+])
+def test_bad_text_input_names_the_problem(task, call, problem):
+    model = small_model(task)
+    model.set_task(task)
+    with pytest.raises(LegoInterpError, match=problem):
+        call(model)
+
+
+def test_text_without_a_vocabulary_says_how_to_attach_one(task):
+    with pytest.raises(LegoInterpError, match="set_task"):
+        small_model(task).to_tokens("a=+1")
+    with pytest.raises(ConfigError, match="trained on"):
+        small_model(task).set_task(LegoTask(TaskConfig(n=6, group="task2")))
