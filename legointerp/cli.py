@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from legointerp.checkpoint import BUNDLED, load_model, resolve
 from legointerp.errors import LegoInterpError, UsageError
-from legointerp.evaluate import accuracy_by_position, predict, test_batch
+from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file
 from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log
 
@@ -201,21 +201,35 @@ def _parse_sentences(task, args) -> tuple[list[str], list]:
     return [text for _, text in items], sentences
 
 
+PREDICT_CHUNK = 2048  # sentences per forward pass and per block of output
+
+
 def _predict(args) -> None:
     model, task, _ = load_model(args.ckpt, args.device)
     texts, sentences = _parse_sentences(task, args)
-    batch = task.encode(sentences)
-    predicted = predict(model, batch)
-    rows, documents = [], []
-    for b, text in enumerate(texts):
-        names = task.variable_names(batch, b)
-        literal = task.group.literal_names
-        pairs = {name: (literal[int(predicted[b, k])], literal[int(batch.values[b, k])]) for k, name in enumerate(names)}
-        documents.append({"sentence": text, "predicted": {v: p for v, (p, _) in pairs.items()},
-                          "true": {v: t for v, (_, t) in pairs.items()}})
-        rows += [{"sentence": b, "variable": v, "depth": int(batch.depth[b, k]), "predicted": p, "true": t,
-                  "correct": p == t} for k, (v, (p, t)) in enumerate(pairs.items())]
-    _emit(args, pd.DataFrame(rows), documents[0] if len(documents) == 1 else documents)
+    batch = encode(task, sentences, where=[f"sentence {text!r}" for text in texts])
+    single = len(texts) == 1
+    # output streams chunk by chunk: 100k sentences never sit in one table, and progress shows where a terminal is
+    with tqdm(total=len(texts), desc="predict", unit=" sentences", file=sys.stderr,
+              disable=None if len(texts) > PREDICT_CHUNK else True) as bar:
+        first = 0
+        for predicted in predict_chunks(model, batch, PREDICT_CHUNK):
+            frame = prediction_frame(task, batch[first:first + len(predicted)], predicted, first)
+            if args.format == "json":
+                documents = [{"sentence": texts[b], "predicted": dict(zip(rows["variable"], rows["predicted"])),
+                              "true": dict(zip(rows["variable"], rows["true"]))} for b, rows in frame.groupby("sentence")]
+                text = json.dumps(documents[0], indent=2) if single else ",\n".join(json.dumps(d) for d in documents)
+                print(text if single else ("[\n" if first == 0 else ",\n") + text, end="\n" if single else "")
+            elif args.format == "csv":
+                print(frame.to_csv(index=False, header=first == 0), end="")
+            else:
+                # fixed widths, so every chunk lines up under the first one's header
+                widths = {**{column: len(column) for column in frame}, "sentence": max(8, len(str(len(texts) - 1)))}
+                print(frame.to_string(index=False, header=first == 0, col_space=widths))
+            first += len(predicted)
+            bar.update(len(predicted))
+    if args.format == "json" and not single:
+        print("\n]")
 
 
 def _solve(args) -> None:
@@ -301,7 +315,10 @@ def _probe(args) -> None:
 
     model, task, _, batch = _analysis_inputs(args)
     result = percolation(model, batch, task, control=not args.no_control, threshold=args.threshold)
-    _emit(args, result.to_frame(), result.to_dict())
+    # the table is one row per depth (resolution layers at each threshold); csv keeps every (layer, depth) cell
+    _emit(args, result.to_frame() if args.format == "csv" else result.depth_frame(), result.to_dict())
+    if args.format == "table":
+        print(result.describe())
     if args.plot:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
 
@@ -335,10 +352,21 @@ def _patch(args) -> None:
     from legointerp.report import write_html
 
     model, task, _, batch = _analysis_inputs(args)
-    result = patch(model, batch, task, corruption=args.corrupt, depth=args.depth, heads=not args.no_heads)
+    result = patch(model, batch, task, corruption=args.corrupt, depth=args.depth, heads=args.heads,
+                   attribution_steps=args.attribution_steps)
     frame = result.to_frame()
-    _emit(args, frame, result.to_dict())
-    print(f"attribution vs exact patching: r = {result.agreement:.3f}", file=sys.stderr)
+    if args.format == "table":
+        shown = result.strongest(args.top)
+        print(shown.to_string(index=False))
+        if len(frame) > len(shown):
+            print(f"the {len(shown)} sites that move the metric most, of {len(frame)}: {len(frame) - len(shown)} more "
+                  f"with --top or --format csv/json", file=sys.stderr)
+    else:
+        _emit(args, frame, result.to_dict())
+    method = "attribution patching" if args.attribution_steps == 1 else f"integrated gradients ({args.attribution_steps} steps)"
+    for row in result.agreements.itertuples():
+        print(f"{method} vs exact patching over {row.sites} {row.site} sites: Pearson r = {row.pearson:.3f}, "
+              f"Spearman rho = {row.spearman:.3f}", file=sys.stderr)
     if args.plot:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
 
@@ -391,7 +419,12 @@ def _add_analyses(sub) -> None:
                                           "patch clean activations back in, per (layer, position) and per head.")
     parser.add_argument("--corrupt", choices=["sign", "root"], default="sign", help="what to corrupt (default: sign)")
     parser.add_argument("--depth", type=NON_NEGATIVE, default=0, help="chain depth of the corrupted operator (default: 0)")
-    parser.add_argument("--no-heads", action="store_true", help="patch only the residual stream (much faster)")
+    parser.add_argument("--heads", action="store_true", help="patch every head's z at every position too (~20x slower)")
+    parser.add_argument("--top", type=COUNT, default=20, help="sites shown in the table, strongest first (default: 20; "
+                                                              "csv and json list all)")
+    parser.add_argument("--attribution-steps", type=COUNT, default=4,
+                        help="gradient steps of the attribution estimate: 1 is attribution patching, more integrate "
+                             "gradients from the corrupted to the clean run (default: 4)")
     parser.add_argument("--plot", type=output_file, help="write the patching heatmaps to this HTML file")
     _add_format(parser, csv=True)
 
@@ -414,6 +447,61 @@ def _add_analyses(sub) -> None:
                         help="table: only the HTML file; json: also a summary of the report on stdout")
 
 
+# ---------------------------------------------------------------------------- zoo
+VERDICT = {True: "shortcut", False: "no shortcut", None: "inconclusive"}  # what `legointerp shortcut` should say
+
+
+def _zoo(args) -> None:
+    from legointerp import zoo
+    from legointerp.checkpoint import save_checkpoint
+
+    if (args.out or args.force) and not args.name:
+        raise LegoInterpError("--out writes one zoo model: name it, e.g. 'legointerp zoo chain-follower --out zoo.pt'")
+    if args.force and not args.out:
+        raise LegoInterpError("--force replaces the file of --out: add --out FILE.pt")
+    if args.out and args.out.exists() and not args.force:
+        raise LegoInterpError(f"{args.out} already exists: add --force to replace it, or choose another --out")
+    models = [zoo.build(name) for name in ([args.name] if args.name else zoo.ZOO)]
+    if args.out:
+        save_checkpoint(models[0].checkpoint(), args.out)
+        print(f"wrote {args.out}: every command reads it with --ckpt {args.out}", file=sys.stderr)
+    records = [{"name": m.name, "description": m.description, "model": m.checkpoint().describe(),
+                **m.checkpoint().provenance["known"]} for m in models]
+    by_kind = lambda heads: "; ".join(f"{kind}: {_head_ranges([h for h, k in heads.items() if k == kind])}"
+                                      for kind in dict.fromkeys(heads.values())) or "none"
+    frame = pd.DataFrame({"name": [r["name"] for r in records],
+                          "shortcut": [VERDICT[r["shortcut"]] for r in records],
+                          "planted heads": [by_kind(r["heads"]) for r in records],
+                          "resolution layers": [" ".join("-" if layer is None else str(layer) for layer in r["resolution_layer"])
+                                                for r in records],
+                          "description": [r["description"] for r in records]})
+    _emit(args, frame, {**records[0], "checkpoint": str(args.out) if args.out else None} if args.name else records)
+
+
+def _head_ranges(names: list[str]) -> str:
+    """["L1H0", "L2H0", "L3H0", "L0H2"] -> "L1H0..L3H0 L0H2": one head index over consecutive layers is one range."""
+    runs: list[list[tuple[int, int]]] = []
+    for layer, head in (map(int, name[1:].split("H")) for name in names):
+        if runs and runs[-1][-1] == (layer - 1, head):
+            runs[-1].append((layer, head))
+        else:
+            runs.append([(layer, head)])
+    name = lambda layer_head: f"L{layer_head[0]}H{layer_head[1]}"
+    return " ".join(name(run[0]) if len(run) == 1 else f"{name(run[0])}..{name(run[-1])}" for run in runs)
+
+
+def _add_zoo(sub) -> None:
+    parser = sub.add_parser("zoo", help="models whose mechanism is known by construction: check an analysis on them",
+                            description="List the zoo (planted heads, resolution layer per depth, whether the last "
+                                        "variable is answered by the shortcut), or write one model's checkpoint with "
+                                        "--out, which every command then reads with --ckpt.")
+    parser.add_argument("name", nargs="?", help="a zoo model (default: list them all)")
+    parser.add_argument("--out", type=output_file, help="write NAME's checkpoint to this file")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_format(parser)
+    parser.set_defaults(run=_zoo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="legointerp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -421,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].set_defaults(run=_train)
     _add_basic(sub)
     _add_analyses(sub)
+    _add_zoo(sub)
     return parser
 
 

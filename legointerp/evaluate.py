@@ -3,6 +3,8 @@ forward pass (:class:`Inference`) and vectorised encoder (:func:`encode`) that `
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -171,3 +173,15 @@ def encode(task: LegoTask, sentences: list[Sentence], where: list[str] | None = 
     return LegoBatch(tokens=tokens, clause_pos=clause_pos, operand_pos=clause_pos + 3,
                      values=(value.gather(1, order) * filled).clamp(min=0), ops=op.gather(1, order) * filled,
                      depth=(depth.gather(1, order) * filled).clamp(min=0), lengths=counts)
+
+
+def prediction_frame(task: LegoTask, batch: LegoBatch, predicted: torch.Tensor, first: int = 0) -> pd.DataFrame:
+    """One row per variable of each sentence, by chain position: the sentence's number (from ``first``), the
+    variable, its depth, the predicted and the true value, and whether they agree.  predicted: (B, n)."""
+    valid = batch.valid.numpy()
+    vocab, literal = np.array(task.vocab), np.array(task.group.literal_names)
+    sentence = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
+    names = vocab[batch.tokens.gather(1, batch.clause_pos).numpy()]
+    guess, truth = literal[predicted.numpy()], literal[batch.values.numpy()]
+    return pd.DataFrame({"sentence": sentence[valid], "variable": names[valid], "depth": batch.depth.numpy()[valid],
+                         "predicted": guess[valid], "true": truth[valid], "correct": (guess == truth)[valid]})

@@ -8,12 +8,14 @@ The kinds are the paper's *association* (identical tokens, the query itself incl
 (the other tokens of the query's clause) and *broadcast* (BOS/EOS), and, from the chain metadata, the *chain step*
 (a clause's first token to the first token of the clause defining its operand), the *reverse step* (to the clause
 that reads this variable), the *frontier* (to the clause resolved at the previous layer, in a one-step-per-layer
-model), *operators* (the operator tokens of every clause: counting signs), and the previous / next token.
+model), *operators* (the operator tokens of the other clauses: counting signs), and the previous / next token.
 
-**Labels.**  A head's label is the kind with the largest lift at the role where it does its job, if that lift reaches
-``LABEL_THRESHOLD``.  Broadcast is where heads rest when they have nothing to do, so it is the label only when no
+**Labels.**  A head's label is the kind with the largest lift at a role where that kind does its job in LEGO
+(``JOB_ROLES``: association at variable tokens, manipulation and the chain kinds at clause-first tokens, operators
+there and at BOS/EOS; positional kinds anywhere), if that lift reaches ``LABEL_THRESHOLD``.  Broadcast is where heads rest when they have nothing to do, so it is the label only when no
 other kind reaches the threshold.  ``mixed`` means two kinds share one role's queries (each holds at least
-``MIXED_SHARE`` of the mass, on keys the other kind does not have); a head matching no kind is ``structured`` when its
+``MIXED_SHARE`` of the mass on keys the other kind does not have, e.g. half on the clause's own operand, half on
+the clause defining it); a head matching no kind is ``structured`` when its
 attention is concentrated (normalised entropy below ``DIFFUSE_ENTROPY``) and ``diffuse`` when it is flat.
 
 **Causal checks, per chain depth.**  Each head's ``hook_z`` is replaced by its batch mean at each position (mean
@@ -34,16 +36,21 @@ import plotly.graph_objects as go
 import torch
 
 from legointerp.evaluate import clause_logits
-from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, offset_mask
+from legointerp.patterns import association_mask, broadcast_mask, clause_of_position, manipulation_mask, offset_mask
 from legointerp.task import BOS, CLAUSE_LEN, EOS, PAD, LegoBatch, LegoTask
 
 ROLES = ("variable", "unresolved variable", "=", "operator", "operand", ";", "BOS", "EOS")
 KINDS = ("association", "manipulation", "broadcast", "chain step", "reverse step", "frontier", "operators",
          "previous token", "next token")
-LABEL_THRESHOLD = 0.5  # lift a kind must reach at some role to name the head
+# the query roles where each kind does its job in LEGO: a label comes from these (every role is still scored)
+VARIABLES = ("variable", "unresolved variable")
+JOB_ROLES = {"association": VARIABLES + ("operand",), "manipulation": VARIABLES, "chain step": VARIABLES,
+             "reverse step": VARIABLES, "frontier": VARIABLES, "operators": VARIABLES + ("BOS", "EOS")}
+LABEL_THRESHOLD = 0.5  # lift a kind must reach at one of its job roles to name the head
 MIXED_SHARE = 0.3  # two kinds each holding this much of a role's attention on keys of their own: "mixed"
 DIFFUSE_ENTROPY = 0.75  # unlabelled heads with mean normalised entropy above this are "diffuse", else "structured"
 MIN_QUERIES = 8  # a (role, kind) needs this many queries in the batch to be scored
+TIE = 0.02  # kinds whose best lifts differ by less than this (their keys coincide): the first in KINDS wins
 COLOURS = {"association": "#e45756", "manipulation": "#4c78a8", "broadcast": "#f2cf5b", "chain step": "#54a24b",
            "reverse step": "#88d27a", "frontier": "#b279a2", "operators": "#ff9da6", "previous token": "#72b7b2",
            "next token": "#9ecae9", "mixed": "#bab0ac", "structured": "#79706e", "diffuse": "#eeeeee"}
@@ -88,6 +95,8 @@ def kind_masks(batch: LegoBatch, task: LegoTask, layer: int) -> dict[str, torch.
     depth = clause_depth(batch)
     is_operator = (tokens >= task.op_offset) & (tokens < task.literal_offset)
     real = tokens != PAD
+    clause = clause_of_position(tokens)
+    same_clause = (clause[:, :, None] == clause[:, None, :]) & (clause[:, :, None] >= 0)
     return {
         "association": association_mask(tokens, tokens >= task.variable_offset, include_self=True),
         "manipulation": manipulation_mask(tokens),
@@ -95,7 +104,7 @@ def kind_masks(batch: LegoBatch, task: LegoTask, layer: int) -> dict[str, torch.
         "chain step": starts & (tokens[:, None, :] == operand[:, :, None]),
         "reverse step": starts & (operand[:, None, :] == tokens[:, :, None]),
         "frontier": (depth >= layer)[:, :, None] & (depth == layer - 1)[:, None, :] & (layer > 0),
-        "operators": real[:, :, None] & is_operator[:, None, :],
+        "operators": real[:, :, None] & is_operator[:, None, :] & ~same_clause,
         "previous token": offset_mask(tokens, -1),
         "next token": offset_mask(tokens, 1),
     }
@@ -152,14 +161,18 @@ def _label(lifts: np.ndarray, pattern: torch.Tensor, batch: LegoBatch, task: Leg
     broadcast = KINDS.index("broadcast")
     working = lifts.copy()
     working[:, broadcast] = np.nan
+    for k, kind in enumerate(KINDS):
+        if kind in JOB_ROLES:
+            working[[r for r, role in enumerate(ROLES) if role not in JOB_ROLES[kind]], k] = np.nan
     if np.isnan(working).all() or np.nanmax(working) < LABEL_THRESHOLD:
         if np.nanmax(np.append(lifts[:, broadcast], -np.inf)) >= LABEL_THRESHOLD:
             role = int(np.nanargmax(lifts[:, broadcast]))
             return "broadcast", ROLES[role], float(lifts[role, broadcast])
         best = np.unravel_index(np.nanargmax(np.where(np.isnan(lifts), -np.inf, lifts)), lifts.shape)
         return ("diffuse" if entropy > DIFFUSE_ENTROPY else "structured"), ROLES[best[0]], float(lifts[best])
-    role, kind = np.unravel_index(np.nanargmax(np.where(np.isnan(working), -np.inf, working)), working.shape)
-    rivals = [k for k in range(len(KINDS)) if k not in (kind, broadcast) and working[role, k] >= LABEL_THRESHOLD]
+    near_best = np.argwhere(working >= np.nanmax(working) - TIE)  # (role, kind) pairs; keys coinciding there
+    role, kind = min(near_best, key=lambda pair: (pair[1], -working[pair[0], pair[1]]))  # the first kind in KINDS
+    rivals = [k for k in range(len(KINDS)) if k not in (kind, broadcast) and working[role, k] >= MIXED_SHARE]
     if rivals:
         masks = list(kind_masks(batch, task, layer).values())
         queries = query_roles(batch, layer)[role]
@@ -227,7 +240,7 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
             frames["truncated"][f"L{layer}H{h}"] = [float(truncated_drop[h]) if layer < batch.values.shape[1] else np.nan]
     result = {kind: pd.DataFrame.from_dict(rows, orient="index", columns=columns if kind != "truncated" else ["drop"])
               for kind, rows in frames.items()}
-    if model.cfg.tied:
+    if getattr(model.cfg, "tied", False):  # a TransformerLens bridge has no tied blocks
         rows = {}
         for h in range(H):
             hooks = [(f"blocks.{layer}.attn.hook_z", _ablating([(h, cache["z", layer][:, :, h].mean(0, keepdim=True))], B))

@@ -26,7 +26,7 @@ def accuracy_figure(accuracy: list[float], counts: list[int] | None = None, reco
     positions = [f"#{k}" for k in range(len(accuracy))]
     values = np.asarray(accuracy, dtype=float)
     bar = dict(x=positions, y=values, name="fresh sentences", marker_color="#4c78a8", text=[f"{v:.3f}" for v in values],
-               textposition="inside", insidetextanchor="end", textfont_size=10)
+               textposition="inside", insidetextanchor="start", textangle=0, textfont_size=10)
     if counts is not None:
         counts = np.asarray(counts)
         low, high = wilson_interval(values, counts)

@@ -97,27 +97,78 @@ def linearity(resolution: list[int | None]) -> float | None:
     return float(rho)
 
 
+REPORTED_THRESHOLDS = (0.9, 0.95)  # deep depths of a trained model can reach 0.9 a layer before they reach 0.95
+
+
 @dataclass
 class PercolationResult:
     accuracy: np.ndarray  # (n_layers + 1, n) held-out accuracy: rows are layers (0 = embeddings), columns chain depths
     control: np.ndarray | None  # (n_layers + 1, n) the same probes on a randomly initialised model
-    resolution_layer: list[int | None]  # (n,) first layer reaching the threshold, per depth
-    linearity: float | None
-    threshold: float
+    threshold: float  # the accuracy that counts as resolved for resolution_layer and linearity
+    test_sentences: int  # held-out sentences the accuracies are measured on
+    train_sentences: int  # sentences the probes are fitted on
+    test_examples: list[int]  # (n,) held-out sentences that reach each depth: the denominator of each column
     n_classes: int = 2
 
+    @property
+    def thresholds(self) -> list[float]:
+        """The chosen threshold and the reported ones, ascending."""
+        return sorted({self.threshold, *REPORTED_THRESHOLDS})
+
+    @property
+    def resolution_by_threshold(self) -> dict[float, list[int | None]]:
+        """threshold -> (n,) first layer reaching it, per depth."""
+        return {t: resolution_layers(self.accuracy, t) for t in self.thresholds}
+
+    @property
+    def resolution_layer(self) -> list[int | None]:
+        """(n,) first layer reaching ``threshold``, per depth."""
+        return self.resolution_by_threshold[self.threshold]
+
+    @property
+    def linearity(self) -> float | None:
+        return linearity(self.resolution_layer)
+
+    def describe(self) -> str:
+        """One line for people: what "resolved" means here and how many sentences measured it."""
+        examples = sorted(set(self.test_examples))
+        reach = ("all reach every depth" if examples == [self.test_sentences]
+                 else f"{examples[0]}-{examples[-1]} examples per depth")
+        rho = ", ".join(f"{'-' if r is None else f'{r:.3f}'} at {t:.0%}" for t, r in
+                        ((t, linearity(layers)) for t, layers in self.resolution_by_threshold.items()))
+        return (f"resolution layer: the first layer whose probe reaches {self.threshold:.0%} held-out accuracy; "
+                f"{self.test_sentences} held-out sentences ({reach}), {self.train_sentences} for fitting; "
+                f"linearity {rho}")
+
+    def depth_frame(self) -> pd.DataFrame:
+        """One row per depth: held-out examples, the resolution layer at every threshold, the last layer's accuracy."""
+        frame = pd.DataFrame({"depth": range(self.accuracy.shape[1]), "examples": self.test_examples})
+        for t, layers in self.resolution_by_threshold.items():
+            frame[f"layer >= {t:g}"] = pd.array(layers, dtype="Int64")
+        frame["last layer accuracy"] = self.accuracy[-1]
+        return frame
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, depth)."""
+        """One row per (layer, depth); ``first >= t`` marks the depth's resolution layer at threshold t."""
         layers, depths = np.indices(self.accuracy.shape)
         control = np.full(self.accuracy.shape, np.nan) if self.control is None else self.control
-        return pd.DataFrame({"layer": layers.ravel(), "depth": depths.ravel(), "accuracy": self.accuracy.ravel(),
-                             "control": control.ravel()})
+        frame = pd.DataFrame({"layer": layers.ravel(), "depth": depths.ravel(), "accuracy": self.accuracy.ravel(),
+                              "control": control.ravel(), "examples": np.array(self.test_examples)[depths.ravel()]})
+        for t, resolution in self.resolution_by_threshold.items():
+            first = np.array([-1 if layer is None else layer for layer in resolution])  # (n,)
+            frame[f"first >= {t:g}"] = first[frame["depth"]] == frame["layer"]
+        return frame
 
     def to_dict(self) -> dict:
-        """JSON-ready (NaN, for a depth no sentence reaches, becomes None)."""
+        """JSON-ready (NaN, for a depth no sentence reaches, becomes None; thresholds as keys are strings)."""
         rows = lambda matrix: [[None if np.isnan(x) else float(x) for x in row] for row in matrix]
+        by_threshold = self.resolution_by_threshold
         return {"matrix": rows(self.accuracy), "control": None if self.control is None else rows(self.control),
-                "resolution_layers": self.resolution_layer, "linearity": self.linearity, "threshold": self.threshold}
+                "threshold": self.threshold, "resolution_layers": self.resolution_layer, "linearity": self.linearity,
+                "resolution_by_threshold": {f"{t:g}": layers for t, layers in by_threshold.items()},
+                "linearity_by_threshold": {f"{t:g}": linearity(layers) for t, layers in by_threshold.items()},
+                "test_sentences": self.test_sentences, "train_sentences": self.train_sentences,
+                "test_examples": self.test_examples}
 
     def plot(self) -> go.Figure:
         return percolation_figure(self)
@@ -137,27 +188,36 @@ def percolation(model, batch: LegoBatch, task: LegoTask, *, control: bool = True
             torch.manual_seed(seed)
             random_model = LegoTransformer(dataclasses.replace(model.cfg)).to(next(model.parameters()).device)
         control_accuracy = PercolationProbe().fit(random_model, train).score(random_model, test)
-    resolution = resolution_layers(accuracy, threshold)
-    return PercolationResult(accuracy, control_accuracy, resolution, linearity(resolution), threshold, task.n_classes)
+    return PercolationResult(accuracy, control_accuracy, threshold, test_sentences=n_test,
+                             train_sentences=len(batch) - n_test, test_examples=test.valid.sum(0).tolist(),
+                             n_classes=task.n_classes)
 
 
 def percolation_figure(result: PercolationResult) -> go.Figure:
-    """Heatmap of probe accuracy (x: chain depth, y: layer), resolution layers marked; the control beside it."""
+    """Heatmap of probe accuracy (x: chain depth, y: layer), the resolution layers at every threshold marked (nested
+    markers, largest for the lowest threshold); the control beside it."""
     panels = {"trained model": result.accuracy, "random-init control": result.control}
     panels = {title: matrix for title, matrix in panels.items() if matrix is not None}
     figure = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), shared_yaxes=True)
-    hover = "depth %{x}<br>layer %{y}<br>accuracy %{z:.3f}<extra></extra>"
+    examples = np.broadcast_to(np.array(result.test_examples), result.accuracy.shape)  # (layers, depths)
+    hover = "depth %{x}<br>layer %{y}<br>accuracy %{z:.3f} on %{customdata} held-out sentences<extra></extra>"
     for col, matrix in enumerate(panels.values(), start=1):
         figure.add_trace(go.Heatmap(z=matrix, zmin=1 / result.n_classes, zmax=1, colorscale="Viridis",
-                                    showscale=col == 1, hovertemplate=hover), row=1, col=col)
-    resolved = [(k, layer) for k, layer in enumerate(result.resolution_layer) if layer is not None]
-    if resolved:
+                                    customdata=examples, showscale=col == 1, hovertemplate=hover,
+                                    colorbar=dict(title="probe accuracy")), row=1, col=col)
+    for i, (t, resolution) in enumerate(result.resolution_by_threshold.items()):
+        resolved = [(k, layer) for k, layer in enumerate(resolution) if layer is not None]
+        if not resolved:
+            continue
         depths, layers = zip(*resolved)
-        marker = dict(color="white", size=9, line=dict(color="black", width=1))
+        marker = dict(symbol=["circle", "diamond", "square"][i % 3], color="white" if i % 2 == 0 else "black",
+                      size=12 - 4 * i, line=dict(color="black", width=1))
+        chosen = " (resolution layer)" if t == result.threshold else ""
         figure.add_trace(go.Scatter(x=depths, y=layers, mode="markers", marker=marker,
-                                    name=f"resolution layer (>= {result.threshold:.0%})"), row=1, col=1)
+                                    name=f"first layer >= {t:.0%}{chosen}"), row=1, col=1)
     figure.update_xaxes(title="chain depth", dtick=1)
     figure.update_yaxes(title="layer (0 = embeddings)", dtick=1, col=1)
-    figure.update_layout(title="Information percolation: linear-probe accuracy per layer and chain depth",
-                         template="plotly_white", height=460, legend=dict(orientation="h", y=-0.2))
+    title = ("Information percolation: linear-probe accuracy per layer and chain depth<br>"
+             f"<sup>{result.test_sentences} held-out sentences, {result.train_sentences} for fitting</sup>")
+    figure.update_layout(title=title, template="plotly_white", height=480, legend=dict(orientation="h", y=-0.2))
     return figure

@@ -40,8 +40,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; } div.table { overflow-x: auto; }
-td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; } th { background: #f6f6f6; }
-td.num, th.num { text-align: right; }
+td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; } th { background: #f6f6f6; }
+td.num, th.num { text-align: right; white-space: nowrap; }
 dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; color: #444; font-size: 0.92em; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
 nav { font-size: 0.9em; margin: 1em 0; display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; }
@@ -112,13 +112,13 @@ class Analyses:
 
 
 def cell(value) -> str:
-    """A table cell for people: no ``-0.000``, thousands separated, missing shown as a dash."""
+    """A table cell for people: whole numbers without decimals, thousands separated, no ``-0.000``, missing as a dash."""
     if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return "–"
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (float, np.floating)):
-        if float(value).is_integer() and abs(value) >= 1000:
+        if float(value).is_integer():  # a count or a layer that a missing value made a float column
             return f"{value:,.0f}"
         text = f"{value:.3f}"
         return text.lstrip("-") if float(text) == 0 else text
@@ -135,7 +135,7 @@ def frame_html(frame: pd.DataFrame) -> str:
     def row(cells, tag: str) -> str:
         return "<tr>" + "".join(f"<{tag} class='{a}'>{html.escape(str(v))}</{tag}>" for v, a in zip(cells, align)) + "</tr>"
     body = "".join(row(cells, "td") for cells in frame.map(cell).to_numpy())
-    return f"<div class='table'><table><thead>{row(frame.columns, 'th')}</thead><tbody>{body}</tbody></table></div>"
+    return f"<div class='table'><table><thead>{row([str(c).replace('_', ' ') for c in frame.columns], 'th')}</thead><tbody>{body}</tbody></table></div>"
 
 
 def figure_html(figure: go.Figure, name: str) -> str:
@@ -234,8 +234,8 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
                 read("Each head's attention mass by type (association: a variable to its other occurrence; manipulation: "
                      "within its clause; broadcast: to BOS/EOS), compared with a head that attends uniformly; a head is "
                      "labelled by the type it exceeds uniform most on, or mixed.",
-                     "The ablation drop is the accuracy lost, averaged over chain positions, when the head's output is "
-                     "replaced by its mean: a label matters where the drop is large. Hover a cell for its scores.")
+                     "The drop columns are the accuracy lost when the head is ablated: a label matters where its drop "
+                     "is large. Hover a cell of the map for all of a head's scores.")
                 + figure_html(heads.plot(), "heads") + frame_html(head_table)
                 + f"<p class='note'>Shown: {head_rows}; <code>legointerp heads --format csv</code> gives all of them.</p>"),
         Section("Attention patterns",

@@ -212,9 +212,16 @@ class LegoTask:
             if name == self.config.separator:
                 clauses.append("".join(current))
                 current = []
+            elif current and current[-1] in self.op_names and len(self._readings(current[-1] + name)) > 1:
+                current.append(" " + name)  # zN: +110 reads as +1 10 and as +11 0, so parse needs the space
             else:
                 current.append(name)
         return "; ".join(clauses)
+
+    def _readings(self, rhs: str) -> list[tuple[int, str]]:
+        """Every (operator index, operand) split of a clause's right-hand side written without spaces."""
+        return [(i, rhs[len(name):]) for i, name in enumerate(self.op_names) if rhs.startswith(name)
+                and (rhs[len(name):] in self.literal_index or rhs[len(name):] in self.var_index)]
 
     def parse(self, text: str, max_clauses: int | None = None) -> Sentence:
         """``"a=+1; b=-a"`` -> :class:`Sentence`; raises :class:`LegoError` naming what is wrong."""
@@ -240,8 +247,7 @@ class LegoTask:
             if not ops or (len(words) == 2 and words[0] not in self.op_names):
                 raise LegoError(f"unknown operator in clause {part!r}: use one of {' '.join(self.op_names)}")
             # every split of op and operand that reads; a space written between them picks one (zN: +210 is +2 10 or +21 0)
-            readings = [(i, rhs[len(self.op_names[i]):]) for i in ops
-                        if rhs[len(self.op_names[i]):] in self.literal_index or rhs[len(self.op_names[i]):] in self.var_index]
+            readings = self._readings(rhs)
             if len(words) == 2:
                 readings = [r for r in readings if self.op_names[r[0]] == words[0]]
             if not readings:

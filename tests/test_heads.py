@@ -1,87 +1,129 @@
-"""Head classifiers label hand-planted attention patterns correctly, and the ablation check measures real drops."""
+"""The head classifier gives the known answer: planted heads of the zoo, planted patterns, the bundled model's chain
+step, no mechanism on untrained models; the ablations measure what an independent hook measures."""
 
+import numpy as np
+import pytest
 import torch
 
-from legointerp.heads import KINDS, LABEL_THRESHOLD, RECORD_FIELDS, attention_view_html, classify_heads, kind_masks
+from legointerp import zoo
+from legointerp.checkpoint import load_model
+from legointerp.evaluate import test_batch as fresh_batch
+from legointerp.heads import KINDS, RECORD_FIELDS, ROLES, attention_view_html, classify_heads, kind_masks
 from legointerp.patterns import row_normalised
 from tests.conftest import small_model
 
-PLANTED = {0: "association", 1: "manipulation", 2: "broadcast", 3: "previous"}
+
+@pytest.fixture(scope="module")
+def counter_report():
+    model = zoo.build("counter-at-bos")
+    return model, classify_heads(model.model, fresh_batch(model.task, 48, seed=3), model.task)
 
 
-def plant(model, task, batch):
-    """Layer 0 heads follow the PLANTED kinds exactly; layer 1 head 0 is uniform over real tokens."""
-    masks = kind_masks(batch.tokens, task)
-    eye = torch.eye(batch.tokens.shape[1], dtype=torch.bool)
-    planted = torch.stack([row_normalised(masks[kind] | (~masks[kind].any(-1, keepdim=True) & eye))
-                           for kind in PLANTED.values()], dim=1)  # rows without a target attend to themselves
-    real = batch.attention_mask
-    uniform = row_normalised(real[:, None, :].expand(-1, real.shape[1], -1))
-
-    def layer0(pattern, hook):
-        return planted
-
-    def layer1(pattern, hook):
-        pattern = pattern.clone()
-        pattern[:, 0] = uniform
-        return pattern
-
-    model.add_hook("blocks.0.attn.hook_pattern", layer0, is_permanent=True)
-    model.add_hook("blocks.1.attn.hook_pattern", layer1, is_permanent=True)
+def test_every_planted_zoo_head_gets_its_kind_and_every_idle_head_is_diffuse(counter_report):
+    model, report = counter_report
+    for row in report.to_frame().itertuples():
+        assert row.label == model.heads.get((row.layer, row.head), "diffuse"), (row.layer, row.head, row.label)
 
 
+def test_truncated_ablation_finds_each_chain_step_that_full_runs_hide(counter_report):
+    model, report = counter_report
+    frame = report.to_frame().set_index(["layer", "head"])
+    chain_steps = [key for key, kind in model.heads.items() if kind == "chain step" and key[0] < 11]
+    # the chain-follower resolves depth k in block k or, when that block is ablated, in a later spare block
+    assert (frame.loc[chain_steps, "truncated_drop"] > 0.3).all()
+    assert (frame.loc[chain_steps[:5], "mean_drop"] < 0.05).all()
+    idle = frame[frame["label"] == "diffuse"]
+    assert (idle[["mean_drop", "resample_drop", "truncated_drop"]].abs() < 1e-6).all().all()
+    # the last variable is the counter's: the chain step of the last block has nothing to do
+    assert frame.loc[(11, 0), "truncated_drop"] == pytest.approx(0, abs=1e-6)
 
-def test_planted_heads_get_their_labels_and_uniform_is_mixed(task):
+
+def test_untrained_models_get_no_mechanism_label():
+    for name in ("untrained-bert", "untrained-albert"):
+        model = zoo.build(name)
+        frame = classify_heads(model.model, fresh_batch(model.task, 48), model.task, ablate=False).to_frame()
+        assert set(frame["label"]) <= {"diffuse", "structured"}, frame["label"].value_counts()
+
+
+def test_bundled_model_chain_step_heads_are_found():
+    model, task, _ = load_model()
+    frame = classify_heads(model, fresh_batch(task, 48, seed=5), task, ablate=False).to_frame()
+    chain = frame[frame["label"] == "chain step"]
+    assert set(chain["layer"]) >= set(range(1, 12))  # head 2 takes one chain step in every iteration
+    assert (chain["lift"] > 0.9).all()
+    assert chain.query("layer == 11")["head"].tolist() == [2]  # the last step, where chain step and frontier coincide
+    assert frame.set_index(["layer", "head"]).loc[[(0, 0), (0, 3)], "label"].tolist() == ["association"] * 2
+
+
+def _plant(model, batch, task, patterns_by_head):
+    """Layer 0's pattern replaced by the given (B, Q, K) patterns per head."""
+    planted = torch.stack(patterns_by_head, dim=1)
+    model.add_hook("blocks.0.attn.hook_pattern", lambda pattern, hook: planted, is_permanent=True)
+
+
+def _target(mask, batch):
+    """Row-normalised mask; rows without a target rest on BOS."""
+    rest = torch.zeros_like(mask)
+    rest[:, :, 0] = True
+    return row_normalised(torch.where(mask.any(-1, keepdim=True), mask, rest))
+
+
+def test_planted_patterns_get_their_labels_and_a_shared_head_is_mixed(task):
     model = small_model(task, n_layers=2)
-    batch = task.sample(32, torch.Generator().manual_seed(0))
-    plant(model, task, batch)
-    frame = classify_heads(model, batch, task, ablate=False).to_frame()
-    layer0 = frame[frame["layer"] == 0].set_index("head")
-    for head, kind in PLANTED.items():
-        assert layer0.loc[head, "label"] == kind
-        assert abs(layer0.loc[head, kind] - 1.0) < 1e-5  # all of each row's mass is on its kind's keys
-    uniform_head = frame[(frame["layer"] == 1) & (frame["head"] == 0)].iloc[0]
-    assert uniform_head.label == "mixed"
-    for kind in KINDS:
-        assert abs(uniform_head[kind] - uniform_head[f"{kind}_uniform"]) < 1e-5
-    assert ((frame[list(KINDS)] >= 0) & (frame[list(KINDS)] <= 1 + 1e-6)).all().all()
-    assert 0 < LABEL_THRESHOLD < 1
+    batch = task.sample(64, torch.Generator().manual_seed(0))
+    masks = kind_masks(batch, task, layer=0)
+    manipulation, chain = _target(masks["manipulation"], batch), _target(masks["chain step"], batch)
+    first = (batch.tokens[:, :, None] >= task.variable_offset) & masks["chain step"].any(-1, keepdim=True)
+    shared = torch.where(first, (manipulation + chain) / 2, manipulation)
+    _plant(model, batch, task, [_target(masks["association"], batch), manipulation, shared,
+                                _target(masks["previous token"], batch)])
+    report = classify_heads(model, batch, task, ablate=False)
+    labels = report.to_frame().query("layer == 0").set_index("head")["label"].to_dict()
+    assert labels == {0: "association", 1: "manipulation", 2: "mixed", 3: "previous token"}
+    roles = report.role_frame(0, 1)
+    assert list(roles.index) == list(ROLES) and list(roles.columns) == list(KINDS)
+    assert roles.loc["variable", "manipulation"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_ablation_drop_is_zero_for_a_silent_head_and_matches_an_independent_count(task):
+def test_ablation_drop_matches_an_independent_hook(task):
     model = small_model(task, n_layers=2)
     with torch.no_grad():
-        model.blocks[1].attn.W_O[2] = 0  # head 1.2 writes nothing
         for p in model.parameters():
             p += 0.3 * torch.randn_like(p)  # make the model's answers depend on its heads
-        model.blocks[1].attn.W_O[2] = 0
+        model.blocks[1].attn.W_O[2] = 0  # head 1.2 writes nothing
     batch = task.sample(256, torch.Generator().manual_seed(1))
-    report = classify_heads(model, batch, task)
-    drops = report.position_drops
-    assert (drops.loc["L1H2"].abs() < 1e-9).all()
+    drops = classify_heads(model, batch, task).drops
+    assert (drops["mean"].loc["L1H2"].abs() < 1e-9).all() and (drops["resample"].loc["L1H2"].abs() < 1e-9).all()
 
     def accuracy(logits):
         predicted = logits.gather(1, batch.clause_pos[..., None].expand(-1, -1, 2)).argmax(-1)
         return (predicted == batch.values).float().mean(0)
 
-    def ablate_head_0_0(z, hook):
+    def mean_ablate(z, hook):
         z[:, :, 0] = z[:, :, 0].mean(0, keepdim=True)
         return z
 
+    def resample_ablate(z, hook):
+        z[:, :, 0] = z[torch.roll(torch.arange(len(z)), 1), :, 0]
+        return z
+
     with torch.no_grad():
-        expected = accuracy(model(batch.tokens)) - accuracy(model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.0.attn.hook_z", ablate_head_0_0)]))
-    assert torch.allclose(torch.tensor(drops.loc["L0H0"].to_numpy(), dtype=torch.float), expected, atol=1e-6)
-    assert set(report.group_drops.index) == set(report.scores.label)
+        clean = accuracy(model(batch.tokens))
+        for kind, hook in (("mean", mean_ablate), ("resample", resample_ablate)):
+            expected = clean - accuracy(model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.0.attn.hook_z", hook)]))
+            assert np.allclose(drops[kind].loc["L0H0"].to_numpy(), expected.numpy(), atol=1e-6)
+        truncated = model(batch.tokens, n_layers=2)
+        ablated = model.run_with_hooks(batch.tokens, n_layers=2, fwd_hooks=[("blocks.1.attn.hook_z", mean_ablate)])
+    assert drops["truncated"].loc["L1H0", "drop"] == pytest.approx(float(accuracy(truncated)[1] - accuracy(ablated)[1]), abs=1e-6)
 
 
 def test_records_and_offline_attention_view(task):
-    model = small_model(task, n_layers=2)
-    batch = task.sample(8, torch.Generator().manual_seed(2))
+    model = small_model(task, n_layers=2, tied=True)
+    batch = task.sample(16, torch.Generator().manual_seed(2))
     report = classify_heads(model, batch, task)
     assert all(list(record) == RECORD_FIELDS for record in report.to_records())
-    assert len(report.to_records()) == 2 * 4
+    assert len(report.to_records()) == 2 * 4 and "every_iteration" in report.drops
     view = attention_view_html(model, batch, task, heads=[(0, 1), (1, 3)])
     assert "src=\"http" not in view and "https://unpkg" not in view
     assert "L0H1" in view and task.to_text(batch.tokens[0]).split("=")[0].strip() in view
-    figure = report.plot()
-    assert figure.data[0].z.shape == (2, 4)
+    assert report.plot().data[0].z.shape == (2, 4)

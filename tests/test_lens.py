@@ -53,7 +53,7 @@ def test_logit_lens_ends_at_the_models_logits_and_matches_accumulated_resid(task
     lens = logit_lens(model, batch)
     assert lens.logits.shape == (model.cfg.n_layers + 1, 16, 6, task.n_classes)
     assert torch.allclose(lens.logits[-1], clause_logits(model(batch.tokens), batch), atol=1e-5)
-    assert torch.allclose(torch.as_tensor(lens.accuracy[-1]), accuracy_by_position(model, batch).float())
+    assert lens.accuracy[-1] == pytest.approx(accuracy_by_position(model, batch).numpy())
     _, cache = model.run_with_cache(batch.tokens)
     theirs = at_readout(cache.accumulated_resid(apply_ln=True), batch) @ model.W_U + model.b_U
     assert torch.allclose(lens.logits, theirs, atol=1e-5)

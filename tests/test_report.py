@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from legointerp.checkpoint import Checkpoint, save_checkpoint
 from legointerp.cli import main
@@ -123,8 +122,8 @@ def test_tables_are_short_and_numbers_read_well(page, analyses):
     heads_section = text.split("id='attention-heads'")[1].split("<h2")[0]
     assert heads_section.count("<tr") == min(TABLE_ROWS, len(analyses.heads.to_frame())) + 1  # header + strongest heads
     assert "-0.000" not in text
-    assert [cell(-0.0004), cell(800000.0), cell(None), cell(float("nan")), cell(np.True_), cell(0.12345)] == \
-           ["0.000", "800,000", "–", "–", "yes", "0.123"]
+    assert [cell(-0.0004), cell(800000.0), cell(11.0), cell(None), cell(np.float32("nan")), cell(np.True_), cell(0.12345)] == \
+           ["0.000", "800,000", "11", "–", "–", "yes", "0.123"]
 
 
 def test_attention_views_store_circuitsvis_once(page, analyses):
@@ -162,8 +161,8 @@ def test_report_command_writes_the_page_for_a_checkpoint_without_log(tmp_path, i
     _, task, checkpoint, _, _ = inputs
     save_checkpoint(checkpoint, tmp_path / "x.pt")
     out = tmp_path / "report.html"
-    assert main(["report", "--ckpt", str(tmp_path / "x.pt"), "--out", str(out), "--samples", "40",
-                 "--head-samples", "20", "--patch-samples", "2", "--quiet"]) == 0
+    assert main(["report", "--ckpt", str(tmp_path / "x.pt"), "--out", str(out), "--samples", "24",
+                 "--head-samples", "12", "--patch-samples", "1", "--quiet"]) == 0
     page = out.read_text()
     assert "no training log found" in page and "legointerp report: x.pt" in page
 

@@ -4,7 +4,7 @@ import torch
 from legointerp.task import BOS, CLAUSE_LEN, EOS, PAD, LegoError, LegoTask, TaskConfig, supervision_mask
 
 
-@pytest.mark.parametrize("group", ["task1", "task2", "s4", "z5"])
+@pytest.mark.parametrize("group", ["task1", "task2", "s4", "z5", "z12"])
 def test_generated_chains_are_solved_by_the_solver(group):
     task = LegoTask(TaskConfig(group=group, n=8))
     batch = task.sample(64, torch.Generator().manual_seed(0))
@@ -12,6 +12,21 @@ def test_generated_chains_are_solved_by_the_solver(group):
         solved = task.solve(task.parse(task.to_text(batch.tokens[b])))
         names = task.variable_names(batch, b)
         assert [solved[v] for v in names] == [task.group.literal_names[i] for i in batch.values[b].tolist()]
+
+
+def test_text_spaces_operator_and_operand_only_where_parse_needs_it():
+    task = LegoTask(TaskConfig(group="z12", n=4))
+    batch = task.sample(300, torch.Generator().manual_seed(4))
+    texts = [task.to_text(tokens) for tokens in batch.tokens]
+    assert [len(task.parse(text).clauses) for text in texts] == [4] * len(texts)  # every text reads back
+    clauses = [clause for text in texts for clause in text.split("; ")]
+    spaced = [clause for clause in clauses if " " in clause]
+    assert 0 < len(spaced) < len(clauses)  # +1 10 is spaced, +2 1 is not
+    for clause in spaced:
+        with pytest.raises(LegoError, match="ambiguous"):
+            task.parse(clause.replace(" ", ""))
+    task1 = LegoTask(TaskConfig())
+    assert " " not in task1.to_text(task1.sample(1).tokens[0]).replace("; ", "")
 
 
 def test_batch_metadata_points_at_the_right_tokens(task):

@@ -1,0 +1,68 @@
+"""Sentences per second of ``legointerp predict --file`` (parse, encode, forward, output) on the bundled model, the
+forward pass alone, and the arithmetic bound at this machine's measured fp32 matmul peak.
+
+    python benchmarks/predict_speed.py [--ckpt model.pt] [--lines 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from legointerp.checkpoint import load_model
+from legointerp.cli import main as cli_main
+from legointerp.evaluate import predict, test_batch
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` fp32 (size x size) @ (size x size) products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def forward_flops(cfg, tokens: int, readout: int) -> float:
+    """FLOPs of one sentence: every block at every token, the last block's queries and MLP only at the read-out."""
+    D, M = cfg.d_model, cfg.d_mlp
+    full = tokens * (8 * D * D + 4 * D * M + 4 * tokens * D)
+    last = tokens * 6 * D * D + readout * (2 * D * D + 4 * D * M + 4 * tokens * D)
+    return (cfg.n_layers - 1) * full + last
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--lines", type=int, default=100_000)
+    args = parser.parse_args()
+    model, task, _ = load_model(args.ckpt)
+    batch = test_batch(task, args.lines, seed=0)
+    peak = matmul_peak()
+    flops = forward_flops(model.cfg, batch.tokens.shape[1], batch.clause_pos.shape[1])
+    print(f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e6:.0f} MFLOP per "
+          f"sentence: at most {peak / flops:,.0f} sentences/s at that peak")
+    forward = _seconds(lambda: predict(model, batch))
+    print(f"forward pass       {args.lines / forward:9,.0f} sentences/s ({flops * args.lines / forward / peak:.0%} of peak)")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sentences.txt"
+        path.write_text("\n".join(task.to_text(row) for row in batch.tokens) + "\n")
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            seconds = _seconds(lambda: cli_main(["predict", "--ckpt", args.ckpt or "bundled", "--file", str(path)]))
+    print(f"predict --file     {args.lines / seconds:9,.0f} sentences/s ({args.lines:,} lines in {seconds:.1f} s, "
+          f"parse and output included)")
+
+
+if __name__ == "__main__":
+    main()
