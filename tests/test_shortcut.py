@@ -1,15 +1,18 @@
-"""Shortcut detection: each piece of evidence reads what it should, and the verdict separates the two regimes."""
+"""Shortcut detection gives the known answer on models built to count and to follow the chain, says
+"inconclusive" where there is nothing to find, and each piece of evidence reads what it should."""
 
 import json
 
 import pytest
 import torch
 
-from legointerp.checkpoint import load_model, resolve
+from legointerp import zoo
+from legointerp.checkpoint import Checkpoint, load_model, resolve, save_checkpoint
 from legointerp.cli import main
 from legointerp.evaluate import test_batch as fresh_sentences
-from legointerp.shortcut import (OPERATOR_BREADTH, OPERATOR_LIFT, _verdict, detect_shortcut, first_passes,
-                                 middle_depths, operator_attention)
+from legointerp.shortcut import (_earlier, _verdict, detect_shortcut, first_learned, is_abelian, learned_level,
+                                 middle_depths, rewire_last, validate_log)
+from legointerp.task import LegoError, LegoTask, TaskConfig
 from legointerp.train import read_log
 from tests.conftest import small_model
 
@@ -19,94 +22,104 @@ def test_middle_depths_are_the_second_half_before_the_end():
     assert middle_depths(6) == [2, 3, 4]
 
 
-def test_first_passes_reads_the_log_in_order():
-    log = [{"samples": 100, "accuracy": [0.95, 0.5, 0.5]},
-           {"samples": 200, "accuracy": [0.99, 0.6, 0.92]},
-           {"samples": 300, "accuracy": [0.99, 0.89, 0.97]}]
-    assert first_passes(log) == [100, None, 200]
-    assert first_passes(log, threshold=0.85) == [100, 300, 200]
+def test_learning_order_comes_from_leaving_chance_not_a_fixed_bar():
+    """A partial shortcut: the last position reaches only 0.75, but before the middle ones leave chance."""
+    log = [{"samples": 100, "accuracy": [0.95, 0.5, 0.5, 0.51]},
+           {"samples": 200, "accuracy": [0.99, 0.52, 0.55, 0.75]},
+           {"samples": 300, "accuracy": [0.99, 0.7, 0.99, 0.75]}]
+    level = learned_level(2)
+    assert level == pytest.approx(0.625)
+    learned = first_learned(log, level)
+    assert learned == [100, 300, 300, 200]
+    assert _earlier(learned[-1], learned[1:3]) is True
+    assert _earlier(None, learned[1:3]) is None  # never learned: no evidence either way
 
 
-@pytest.mark.parametrize("votes, verdict", [([True, True, False, None], "shortcut"),
-                                            ([False, False, True, False], "no shortcut"),
-                                            ([True, False, None, None], "inconclusive"),
-                                            ([True, None, None, None], "inconclusive"),
-                                            ([True, True, False, False], "inconclusive")])
-def test_verdict_needs_two_votes_and_a_majority(votes, verdict):
-    assert _verdict(votes) == verdict
+@pytest.mark.parametrize("row", [{"samples": 1}, {"accuracy": [0.5] * 4}, {"samples": 1, "accuracy": [0.5] * 3},
+                                 {"samples": 1, "accuracy": "high"}, "not a row"])
+def test_a_damaged_log_row_is_named(row):
+    with pytest.raises(LegoError, match="row 2"):
+        validate_log([{"samples": 1, "accuracy": [0.5] * 4}, row], 4)
 
 
-def planted_operator_heads(task, batch):
-    """Layer 0: head 0 spreads every query's attention evenly over all operator tokens (counting signs);
-    head 1 sends each variable to its own clause's operator only (reading its operand's sign); the rest self."""
-    B, T = batch.tokens.shape
-    n = batch.values.shape[1]
-    rows = torch.arange(B)[:, None]
-    counting = torch.zeros(B, T, T)
-    counting[rows, :, batch.clause_pos + 2] = 1 / n
-    local = torch.eye(T).repeat(B, 1, 1)
-    local[rows, batch.clause_pos] = 0
-    local[rows, batch.clause_pos, batch.clause_pos + 2] = 1
-    others = torch.eye(T).expand(B, 2, T, T)
-    return torch.cat([counting[:, None], local[:, None], others], dim=1)  # (B, H, T, T)
+@pytest.mark.parametrize("votes, learned, verdict", [([True, True, False, None, None], True, "shortcut"),
+                                                     ([False, False, True, None, False], True, "no shortcut"),
+                                                     ([True, False, None, None, None], True, "inconclusive"),
+                                                     ([True, True, True, True, True], False, "inconclusive")])
+def test_verdict_needs_two_votes_a_majority_and_a_learned_last_variable(votes, learned, verdict):
+    assert _verdict(votes, learned) == verdict
 
 
-def test_operator_attention_tells_counting_from_reading_one_operator(task):
-    model = small_model(task, n_layers=2)
-    batch = task.sample(32, torch.Generator().manual_seed(0))
-    planted = planted_operator_heads(task, batch)
-    model.add_hook("blocks.0.attn.hook_pattern", lambda pattern, hook: planted, is_permanent=True)
-    frame = operator_attention(model, batch, middle_depths(task.config.n)).set_index(["layer", "head"])
-    counting, local = frame.loc[(0, 0)], frame.loc[(0, 1)]
-    n = task.config.n
-    assert counting["last_lift"] == pytest.approx(1.0, abs=1e-5) and counting["last_breadth"] == pytest.approx(1.0, abs=1e-4)
-    assert local["last_lift"] == pytest.approx(1.0, abs=1e-5) and local["last_breadth"] == pytest.approx(1 / n, abs=1e-4)
-    assert frame.loc[(0, 2), "last_lift"] < 0  # attending to itself puts nothing on operators: below uniform
-    assert counting["last_breadth"] >= OPERATOR_BREADTH > local["last_breadth"] and counting["last_lift"] >= OPERATOR_LIFT
+def test_rewired_sentences_make_the_chain_and_the_count_disagree_by_the_solver():
+    task = LegoTask(TaskConfig())
+    batch = fresh_sentences(task, 64, seed=1)
+    tokens, chain_value, usable = rewire_last(task, batch, torch.Generator().manual_seed(0))
+    assert usable.float().mean() > 0.9
+    for b in torch.nonzero(usable).flatten()[:16].tolist():
+        text = task.to_text(tokens[b])
+        last = task.vocab[int(batch.tokens[b, batch.clause_pos[b, -1]])]
+        solved = task.solve(task.parse(text))[last]  # the exact solver, independent of rewire_last's arithmetic
+        assert solved == task.group.literal_names[int(chain_value[b])]
+        assert solved != task.group.literal_names[int(batch.values[b, -1])]  # the count's answer
+    assert is_abelian(task) and not is_abelian(LegoTask(TaskConfig(group="task2")))
 
 
 @pytest.fixture(scope="module")
-def regimes():
-    """The shipped chain-following model and the shipped shortcut-regime model, each with its verdict."""
+def verdicts():
     results = {}
-    for name in ("bundled", "bundled-shortcut"):
-        model, task, _ = load_model(name)
-        batch = fresh_sentences(task, 800, seed=7)
-        results[name] = detect_shortcut(model, batch, task, log=read_log(resolve(name)), attention_samples=200,
-                                        patching_samples=100)
+    for name in ("chain-follower", "counter-at-last", "counter-at-bos", "untrained-bert"):
+        model = zoo.build(name)
+        results[name] = (model, detect_shortcut(model.model, fresh_sentences(model.task, 240, seed=2), model.task,
+                                                attention_samples=48, patching_samples=24))
     return results
 
 
-def test_chain_following_model_has_no_shortcut(regimes):
-    chain = regimes["bundled"]
-    assert chain.verdict == "no shortcut", chain.evidence.to_string()
-    assert chain.through_chain[11] > 0.9  # the chain carries the flipped sign to the last variable
+@pytest.mark.parametrize("name", ["chain-follower", "counter-at-last", "counter-at-bos"])
+def test_zoo_verdicts_are_the_known_mechanism(verdicts, name):
+    model, result = verdicts[name]
+    assert result.verdict == ("shortcut" if model.shortcut else "no shortcut"), result.evidence.to_string()
+    votes = result.evidence.set_index("evidence")["shortcut"]
+    for evidence in ("counterfactual", "probes", "attention", "patching"):  # no log: training order abstains
+        assert votes[evidence] == model.shortcut, (evidence, result.evidence.to_string())
 
 
-def test_shortcut_regime_model_never_learned_the_last_variable(regimes):
-    """The shipped shortcut-regime model (#0-#4 and #11 supervised, the tiny recipe with its curriculum) learned to
-    follow the chain and extrapolates a little past #4, but #11 stayed at chance: no shortcut, and no evidence for
-    one. A model that does take the shortcut is still to be trained (a GPU run)."""
-    regime = regimes["bundled-shortcut"]
-    assert None not in regime.passed_at[:5] and regime.passed_at[:5] == sorted(regime.passed_at[:5])
-    assert regime.passed_at[11] is None and regime.resolution_layer[11] is None
-    assert regime.verdict == "no shortcut", regime.evidence.to_string()
+def test_a_count_gathered_at_bos_is_found_where_it_is(verdicts):
+    _, result = verdicts["counter-at-bos"]
+    reading = result.evidence.set_index("evidence").loc["attention", "reading"]
+    assert "at BOS" in reading and "L0H3" in reading
+    assert result.through_chain[11] < 0.1  # BOS is not held clean: the flipped sign reaches the count
 
 
-def test_shortcut_result_exports(regimes):
-    result = regimes["bundled-shortcut"]
-    frame = result.to_frame()
-    assert list(frame["evidence"]) == ["training order", "probes", "attention", "patching"]
+def test_an_untrained_model_is_inconclusive(verdicts):
+    _, result = verdicts["untrained-bert"]
+    assert result.verdict == "inconclusive" and result.last_accuracy < learned_level(2)
+
+
+def test_bundled_model_follows_the_chain():
+    model, task, _ = load_model()
+    result = detect_shortcut(model, fresh_sentences(task, 300, seed=7), task, log=read_log(resolve("bundled")),
+                             attention_samples=64, patching_samples=32)
+    assert result.verdict == "no shortcut", result.evidence.to_string()
+    assert result.counterfactual["chain"] > 0.7 and result.through_chain[11] > 0.9
+
+
+def test_non_abelian_groups_have_no_counting_shortcut_to_test():
+    task = LegoTask(TaskConfig(group="task2", n=6))
+    result = detect_shortcut(small_model(task), fresh_sentences(task, 120), task, attention_samples=16, patching_samples=8)
+    row = result.evidence.set_index("evidence").loc["counterfactual"]
+    assert row["shortcut"] is None and "not abelian" in row["reading"] and result.counterfactual is None
+
+
+def test_shortcut_result_exports(verdicts):
+    _, result = verdicts["counter-at-bos"]
+    assert list(result.to_frame()["evidence"]) == ["counterfactual", "training order", "probes", "attention", "patching"]
     document = json.loads(json.dumps(result.to_dict()))
-    assert document["verdict"] == result.verdict and len(document["resolution_layers"]) == 12
+    assert document["verdict"] == "shortcut" and len(document["resolution_layers"]) == 12
     figure = result.plot()
-    assert result.verdict in figure.layout.title.text and len(figure.data) >= 4
+    assert "shortcut" in figure.layout.title.text and len(figure.data) >= 5
 
 
 def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path):
-    from legointerp.checkpoint import Checkpoint, save_checkpoint
-    from legointerp.task import LegoTask, TaskConfig
-
     task = LegoTask(TaskConfig(n=6))
     model = small_model(task)
     ckpt = save_checkpoint(Checkpoint(model_config=model.cfg, task_config=task.config, state_dict=model.state_dict()),
@@ -114,8 +127,8 @@ def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path)
     assert main(["shortcut", "--ckpt", str(ckpt), "--samples", "200", "--format", "json",
                  "--plot", str(tmp_path / "s.html")]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["verdict"] in ("shortcut", "no shortcut", "inconclusive")
-    assert document["evidence"][0]["shortcut"] is None  # no training log beside this checkpoint
+    assert document["verdict"] == "inconclusive"  # an untrained model learned nothing to detect
+    assert document["evidence"][1]["shortcut"] is None  # no training log beside this checkpoint
     assert (tmp_path / "s.html").read_text().count("plotly-graph-div") == 1
 
     short = LegoTask(TaskConfig(n=3))

@@ -1,0 +1,110 @@
+"""The zoo's ground truth, checked by behaviour rather than by any analysis: each model solves its task as built,
+the chain-follower takes exactly one chain step per block, the counters answer the last variable by the parity of
+the minus signs even where the chain says otherwise, and `legointerp zoo NAME --out` writes a checkpoint that every
+command reads."""
+
+import json
+
+import pytest
+import torch
+
+from legointerp import zoo
+from legointerp.checkpoint import load_model
+from legointerp.cli import main
+from legointerp.evaluate import accuracy_by_position, clause_logits
+from legointerp.evaluate import test_batch as fresh_batch
+from legointerp.shortcut import rewire_last
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", ["chain-follower", "counter-at-last", "counter-at-bos"])
+def test_hand_set_models_solve_every_position(name):
+    built = zoo.build(name)
+    accuracy = accuracy_by_position(built.model, fresh_batch(built.task, 300, seed=1))
+    assert len(accuracy) == built.task.config.n == 12 and (accuracy == 1.0).all()
+
+
+@pytest.mark.parametrize("name", ["untrained-bert", "untrained-albert"])
+def test_untrained_models_are_at_chance(name):
+    built = zoo.build(name)
+    accuracy = accuracy_by_position(built.model, fresh_batch(built.task, 300, seed=1))
+    chance = 1 / built.task.n_classes
+    assert (accuracy - chance).abs().max() < 0.15 and abs(accuracy.mean() - chance) < 0.05
+
+
+@torch.no_grad()
+def test_chain_follower_takes_one_chain_step_per_block():
+    """A run of the first k + 1 blocks answers exactly depths 0..k: one step per layer, seen without any probe."""
+    built = zoo.build("chain-follower")
+    batch = fresh_batch(built.task, 100, seed=2)
+    n = built.task.config.n
+    for k in range(n):
+        predicted = clause_logits(built.model(batch.tokens, n_layers=k + 1), batch).argmax(-1)  # (B, n)
+        accuracy = (predicted == batch.values).float().mean(0)
+        assert (accuracy[: k + 1] == 1.0).all(), k
+        assert (accuracy[k + 1:] < 0.75).all(), k  # not yet resolved: a guess
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, counts", [("chain-follower", False), ("counter-at-last", True), ("counter-at-bos", True)])
+def test_rewired_last_clause_separates_counting_from_following(name, counts):
+    """The last clause's operand now points at an earlier variable, so the chain's value and the sign parity differ:
+    a counter keeps answering the parity, the chain-follower follows the new chain."""
+    built = zoo.build(name)
+    batch = fresh_batch(built.task, 200, seed=3)
+    tokens, chain_value, usable = rewire_last(built.task, batch, torch.Generator().manual_seed(0))
+    assert usable.float().mean() > 0.9
+    last = clause_logits(built.model(tokens), batch)[:, -1].argmax(-1)[usable]  # (usable,)
+    parity = batch.values[usable, -1]
+    assert (last == (parity if counts else chain_value[usable])).all()
+    assert (last != (chain_value[usable] if counts else parity)).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zoo_checkpoint_round_trips_through_the_command(capsys, tmp_path, name):
+    path = tmp_path / "zoo" / f"{name}.pt"
+    code, out, _ = run(capsys, "zoo", name, "--out", path, "--format", "json")
+    document = json.loads(out)
+    built = zoo.build(name)
+    assert code == 0 and document["checkpoint"] == str(path) and document["name"] == name
+    assert document["shortcut"] == built.shortcut and document["resolution_layer"] == built.resolution_layer
+    assert document["heads"] == {f"L{l}H{h}": kind for (l, h), kind in sorted(built.heads.items())}
+    model, task, checkpoint = load_model(path)
+    assert checkpoint.provenance["zoo"] == name and task.config == built.task.config
+    tokens = fresh_batch(task, 8, seed=4).tokens
+    assert torch.equal(model(tokens), built.model(tokens))
+
+
+def test_zoo_refuses_to_overwrite_without_force_and_eval_reads_the_file(capsys, tmp_path):
+    path = tmp_path / "chain.pt"
+    assert run(capsys, "zoo", "chain-follower", "--out", path)[0] == 0
+    code, out, err = run(capsys, "zoo", "chain-follower", "--out", path)
+    assert code == 2 and out == "" and "--force" in err and len(err.strip().splitlines()) == 1
+    assert run(capsys, "zoo", "counter-at-bos", "--out", path, "--force")[0] == 0
+    assert load_model(path)[2].provenance["zoo"] == "counter-at-bos"
+    code, out, _ = run(capsys, "eval", "--ckpt", path, "--samples", 100, "--format", "json")
+    assert code == 0 and set(json.loads(out)["accuracy"].values()) == {1.0}
+
+
+def test_zoo_lists_every_model_with_its_ground_truth(capsys):
+    code, out, _ = run(capsys, "zoo", "--format", "json")
+    records = json.loads(out)
+    assert code == 0 and [r["name"] for r in records] == list(zoo.ZOO)
+    truth = {r["name"]: r["shortcut"] for r in records}
+    assert truth["chain-follower"] is False and truth["counter-at-last"] is truth["counter-at-bos"] is True
+    assert truth["untrained-bert"] is None and records[0]["heads"]["L0H0"] == "manipulation"
+    code, out, _ = run(capsys, "zoo")
+    assert code == 0 and all(name in out for name in zoo.ZOO) and "L1H0..L11H0" in out and "no shortcut" in out
+
+
+@pytest.mark.parametrize("argv, problem", [(["zoo", "bogus"], "chain-follower"), (["zoo", "--out", "{tmp}/x.pt"], "name it"),
+                                          (["zoo", "chain-follower", "--force"], "--out")])
+def test_zoo_bad_input_is_one_line(capsys, tmp_path, argv, problem):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2 and out == "" and problem in err and len(err.strip().splitlines()) == 1
