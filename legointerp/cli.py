@@ -7,6 +7,7 @@ Bad input of any kind ends in one line on stderr naming the problem and the fix,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from legointerp.checkpoint import BUNDLED, load_model, resolve
+from legointerp.checkpoint import BUNDLED, load_model
 from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file
@@ -27,7 +28,7 @@ from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_lo
 
 EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer stopped by SIGPIPE, as `seq 1e9 | head` does
-SAMPLES_HEADS = 300  # every head is ablated: a forward pass each
+SAMPLES_HEADS = 200  # every head is ablated four ways: forward passes from its layer on
 SAMPLES_PATCH = 16  # every (layer, position, head) is a patched run
 SAMPLES_PROBE = SAMPLES_SHORTCUT = SAMPLES_REPORT = 1500
 
@@ -225,7 +226,10 @@ def _predict(args) -> None:
             else:
                 # fixed widths, so every chunk lines up under the first one's header
                 widths = {**{column: len(column) for column in frame}, "sentence": max(8, len(str(len(texts) - 1)))}
-                print(frame.to_string(index=False, header=first == 0, col_space=widths))
+                cells = [frame[column].astype(str).str.rjust(width) for column, width in widths.items()]
+                if first == 0:
+                    print(" ".join(column.rjust(width) for column, width in widths.items()))
+                print("\n".join(functools.reduce(lambda left, right: left + " " + right, cells)))
             first += len(predicted)
             bar.update(len(predicted))
     if args.format == "json" and not single:
@@ -287,13 +291,19 @@ def _check_against_model(args, model) -> None:
 
 
 def _heads(args) -> None:
-    from legointerp.heads import RECORD_FIELDS, attention_view_html, classify_heads
+    from legointerp.heads import DIFFUSE_ENTROPY, DROPS, LABEL_THRESHOLD, THRESHOLDS, attention_view_html, classify_heads
     from legointerp.report import clearest_heads, write_html
 
     model, task, _, batch = _analysis_inputs(args)
     report = classify_heads(model, batch, task, ablate=not args.no_ablation)
     frame = report.to_frame()
-    _emit(args, frame if args.format == "csv" else frame[[c for c in RECORD_FIELDS if c in frame]], report.to_records())
+    summary = [c for c in ("layer", "head", "label", "role", "lift", "self", "entropy", *DROPS) if c in frame]
+    _emit(args, frame if args.format == "csv" else frame[summary].round(3),
+          {"thresholds": THRESHOLDS, "samples": len(batch), "heads": report.to_records()})
+    if args.format == "table":
+        print(f"\n{len(batch)} sentences. label: the kind whose lift over a uniform head reaches {LABEL_THRESHOLD} at a "
+              f"query role where it does its job; diffuse: no kind and normalised entropy > {DIFFUSE_ENTROPY}; drops: "
+              "accuracy lost at the worst chain depth (truncated: depth l in a run of l + 1 blocks)")
     if args.plot:
         write_html(report.plot().to_html(include_plotlyjs=True), args.plot)
     if args.view:
@@ -327,7 +337,7 @@ def _report(args) -> None:
     from legointerp.report import ANALYSIS_STEPS, analyse, model_report, write_html
 
     model, task, checkpoint, batch = _analysis_inputs(args)
-    log = read_log(resolve(args.ckpt))
+    log = read_log(args.ckpt, missing_ok=True)
     with tqdm(total=ANALYSIS_STEPS + 1, desc="report", disable=args.quiet, file=sys.stderr) as bar:
         analyses = analyse(model, task, checkpoint, batch, log, head_samples=args.head_samples,
                            patch_samples=args.patch_samples, progress=bar.update)
@@ -376,7 +386,7 @@ def _shortcut(args) -> None:
     from legointerp.shortcut import detect_shortcut
 
     model, task, _, batch = _analysis_inputs(args)
-    result = detect_shortcut(model, batch, task, log=read_log(resolve(args.ckpt)))
+    result = detect_shortcut(model, batch, task, log=read_log(args.ckpt, missing_ok=True))
     _emit(args, result.to_frame(), result.to_dict())
     if args.format == "table":
         print(f"verdict: {result.verdict}")
@@ -440,7 +450,7 @@ def _add_analyses(sub) -> None:
                                           "percolation heatmap, activation patching and the shortcut verdict in one "
                                           "offline HTML file.")
     parser.add_argument("--out", type=output_file, default="report.html", help="HTML file to write (default: report.html)")
-    parser.add_argument("--head-samples", type=ANALYSIS_SAMPLES["heads"], default=250, help="sentences for the head classifier and ablations (default: 250)")
+    parser.add_argument("--head-samples", type=ANALYSIS_SAMPLES["heads"], default=120, help="sentences for the head classifier and ablations (default: 120)")
     parser.add_argument("--patch-samples", type=SAMPLES, default=16, help="sentence pairs for activation patching (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--format", choices=["table", "json"], default="table",

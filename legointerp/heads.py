@@ -54,8 +54,10 @@ TIE = 0.02  # kinds whose best lifts differ by less than this (their keys coinci
 COLOURS = {"association": "#e45756", "manipulation": "#4c78a8", "broadcast": "#f2cf5b", "chain step": "#54a24b",
            "reverse step": "#88d27a", "frontier": "#b279a2", "operators": "#ff9da6", "previous token": "#72b7b2",
            "next token": "#9ecae9", "mixed": "#bab0ac", "structured": "#79706e", "diffuse": "#eeeeee"}
-RECORD_FIELDS = ["layer", "head", "label", "role", "lift", "self", "entropy", *KINDS, "mean_drop", "resample_drop",
-                 "truncated_drop", "every_iteration_drop"]
+DROPS = ("truncated_drop", "mean_drop", "resample_drop", "every_iteration_drop")
+RECORD_FIELDS = ["layer", "head", "label", "role", "lift", "self", "entropy", *KINDS, *DROPS]
+THRESHOLDS = {"label_lift": LABEL_THRESHOLD, "mixed_share": MIXED_SHARE, "diffuse_entropy": DIFFUSE_ENTROPY,
+              "min_queries": MIN_QUERIES, "tie": TIE}
 
 
 def _model_inputs(batch: LegoBatch) -> tuple:
@@ -292,7 +294,7 @@ def head_map_figure(report: HeadReport) -> go.Figure:
     present = [name for name in COLOURS if name in set(frame["label"])]
     n_layers, n_heads = frame["layer"].max() + 1, frame["head"].max() + 1
     code = frame["label"].map(present.index).to_numpy().reshape(n_layers, n_heads)
-    drop = [c for c in ("truncated_drop", "mean_drop", "resample_drop") if c in frame]
+    drop = [c for c in DROPS if c in frame]
 
     def hover(r):
         lines = [f"L{r.layer}H{r.head}: <b>{r.label}</b> (at the {r.role} token, lift {r.lift:.2f})",

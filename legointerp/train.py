@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from legointerp.checkpoint import BUNDLED_FILES, Checkpoint, bundled_path, load_checkpoint, save_checkpoint
+from legointerp.checkpoint import BUNDLED_FILES, Checkpoint, bundled_path, load_checkpoint, resolve, save_checkpoint
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, clause_logits, test_batch
 from legointerp.files import OutputLock, atomic_write, prepare_output, remove_stale_temps
@@ -145,11 +145,24 @@ def log_path(checkpoint_path: Path) -> Path:
     return checkpoint_path.with_suffix(".log.jsonl")
 
 
-def read_log(checkpoint_path: str | os.PathLike) -> list[dict]:
-    path = log_path(Path(checkpoint_path))
+def read_log(checkpoint: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
+    """The training log beside ``checkpoint`` (a path, or ``bundled`` / ``bundled-shortcut``), one dict per evaluation.
+    A missing log raises, naming where it was looked for, unless ``missing_ok`` (then: no rows)."""
+    path = log_path(resolve(checkpoint))
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if missing_ok:
+            return []
+        raise LegoInterpError(f"no training log at {path}: 'legointerp train' writes it beside the checkpoint "
+                              "(model.pt -> model.log.jsonl); pass missing_ok=True to go on without one")
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise LegoInterpError(f"{path} line {number} is not JSON (a truncated write?): delete that line or the "
+                                      "log to go on") from None
+    return rows
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -328,7 +341,7 @@ class Trainer:
         self.longest, self.solved_rate = state["longest"], state["solved_rate"]
         self.saved_step = self.step
         # rows logged after the last save (a killed run) are dropped: the resumed run logs those steps again
-        self.rows = state.get("log") or [row for row in read_log(self.out) if row["step"] <= self.step]
+        self.rows = state.get("log") or [row for row in read_log(self.out, missing_ok=True) if row["step"] <= self.step]
         if self.rank == 0:
             self._write_log()
         # a resumed run is reproduced by its whole history of commands, not by the last one

@@ -6,6 +6,7 @@ import torch
 
 from legointerp.checkpoint import Checkpoint, save_checkpoint
 from legointerp.cli import EXIT_BROKEN_PIPE, main
+from legointerp.heads import LABEL_THRESHOLD, RECORD_FIELDS
 from legointerp.task import LegoTask, TaskConfig
 from tests.conftest import small_model
 
@@ -68,7 +69,7 @@ def test_eval_reports_accuracy_by_chain_position(capsys, ckpt):
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ["train", "eval", "predict", "solve", "heads", "probe", "patch", "report"]:
+    for command in ["train", "eval", "predict", "solve", "heads", "probe", "patch", "shortcut", "report", "zoo"]:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -78,10 +79,11 @@ def test_every_subcommand_has_help(capsys):
 def test_heads_json_has_one_record_per_head_with_the_documented_fields(capsys, ckpt, tmp_path):
     code, out, _ = run(capsys, "heads", "--ckpt", ckpt, "--samples", 64, "--format", "json",
                        "--plot", tmp_path / "map.html", "--view", tmp_path / "view.html")
-    records = json.loads(out)
-    assert code == 0 and len(records) == 3 * 4
-    assert list(records[0]) == ["layer", "head", "label", "association", "manipulation", "broadcast", "self", "previous",
-                                "next", "ablation_drop"]
+    document = json.loads(out)
+    records = document["heads"]
+    assert code == 0 and len(records) == 3 * 4 and document["samples"] == 64
+    assert list(records[0]) == [f for f in RECORD_FIELDS if f != "every_iteration_drop"]  # an untied model
+    assert document["thresholds"]["label_lift"] == LABEL_THRESHOLD
     assert (tmp_path / "map.html").stat().st_size > 0 and (tmp_path / "view.html").stat().st_size > 0
 
 

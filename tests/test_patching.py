@@ -1,12 +1,19 @@
-"""Exact patching equals TransformerLens's on the exported bridge; pairs corrupt exactly what they say."""
+"""Exact patching equals TransformerLens's on the exported bridge; pairs corrupt exactly what they say; attribution
+equals TransformerLens's, and integrated gradients reach exact patching where they must; the fast forward pass and
+encoder equal the model's and the task's; predict and patch on the command line."""
+
+import json
 
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
+from legointerp.cli import main as cli_main
+from legointerp.evaluate import Inference, clause_logits, encode, predict, prediction_frame
 from legointerp.hooked import to_bridge
-from legointerp.patching import (attribution, flip_root, flip_sign, normalised_metric, patch_head_z,
-                                 patch_resid_pre)
+from legointerp.patching import (PatchingResult, attribution, flip_root, flip_sign, normalised_metric, patch,
+                                 patch_head_z, patch_resid_pre)
+from legointerp.task import LegoError
 from tests.conftest import small_model
 
 
@@ -76,8 +83,6 @@ def test_attribution_is_zero_where_clean_and_corrupted_agree_and_tracks_exact_pa
 
 
 def test_patch_result_tables_and_figure(task):
-    from legointerp.patching import patch
-
     model, _ = model_and_pair(task)
     result = patch(model, task.sample(4, torch.Generator().manual_seed(5)), task, corruption="root", heads=True)
     frame = result.to_frame()
@@ -85,3 +90,93 @@ def test_patch_result_tables_and_figure(task):
     assert frame["token"].iloc[0] == "0:[BOS]" and "agreement" in result.to_dict()
     assert -1 <= result.agreement <= 1
     assert len(result.plot().data) == 2
+    agreements = result.agreements.set_index("site")
+    assert list(agreements.index) == ["resid_pre", "head_z"] and agreements["sites"].tolist() == [2 * task.n_ctx, 8 * task.n_ctx]
+    assert agreements[["pearson", "spearman"]].abs().le(1).all().all()
+    strongest = result.strongest(5)
+    effect = (strongest["exact"] - result.corrupted_score).abs()
+    assert len(strongest) == 5 and effect.is_monotonic_decreasing
+    assert effect.iloc[-1] >= (frame["exact"] - result.corrupted_score).abs().nlargest(5).iloc[-1]
+    assert patch(model, task.sample(4, torch.Generator().manual_seed(5)), task).head_z is None  # heads are opt-in
+
+
+def test_integrated_gradients_reach_exact_patching_where_one_site_carries_the_whole_layer(task):
+    model, pair = model_and_pair(task)
+    metric = normalised_metric(model, pair)
+    exact = patch_resid_pre(model, pair, metric)
+    corrupted_position = int(pair.clean.clause_pos[0, 2] + 2)  # the only position where layer 0's input differs
+    one_step, _ = attribution(model, pair, metric, heads=False)
+    many_steps, _ = attribution(model, pair, metric, steps=64, heads=False)
+    target = exact[0, corrupted_position].item()  # the corrupted run scores 0: the estimate is of the exact score
+    assert many_steps[0, corrupted_position].item() == pytest.approx(target, abs=2e-3)
+    assert abs(one_step[0, corrupted_position].item() - target) > 10 * abs(many_steps[0, corrupted_position].item() - target)
+    # completeness: a layer's estimates sum to the effect of patching the whole layer
+    with torch.no_grad():
+        _, clean = model.run_with_cache(pair.clean.tokens, names_filter="blocks.1.hook_resid_pre")
+        whole_layer = metric(model(clean["blocks.1.hook_resid_pre"], start_at_layer=1)).item()
+    assert many_steps[1].sum().item() == pytest.approx(whole_layer, abs=5e-3)
+
+
+def test_attribution_equals_transformer_lens_attribution_patch_on_the_bridge(task):
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+    model, pair = model_and_pair(task)
+    position = int(pair.clean.clause_pos[0, -1])
+    metric = lambda logits: (logits[:, position, 0] - logits[:, position, 1]).sum()  # noqa: E731  per example, summed
+    _, heads = attribution(model, pair, metric)
+    theirs = attribution_patch(to_bridge(model), pair.clean.tokens, pair.corrupted.tokens, metric).node_scores
+    compared = [(heads[node.layer, node.position, node.head].item() / len(pair.clean), score)
+                for node, score in theirs.items() if node.kind == "attn_head_out"]
+    assert len(compared) == heads.numel()  # TransformerLens averages over the pairs, we sum
+    assert torch.allclose(*map(torch.tensor, zip(*compared)), atol=1e-5)
+
+
+def test_fast_forward_equals_the_model_with_padding(task):
+    model = small_model(task)
+    batch = task.sample(64, torch.Generator().manual_seed(4), min_length=2)
+    engine = Inference(model)
+    mask = batch.attention_mask[:, None, None, :]
+    fast = engine.run(engine.embed(batch.tokens), batch.clause_pos, key_mask=mask)
+    with torch.no_grad():
+        assert torch.allclose(fast, clause_logits(model(batch.tokens, batch.attention_mask), batch), atol=1e-5)
+    assert predict(model, batch, batch_size=7).shape == batch.values.shape
+
+
+def test_vectorised_encode_equals_the_task_encoder_and_names_a_cycle(task):
+    batch = task.sample(300, torch.Generator().manual_seed(6), min_length=1, heldout=True)
+    sentences = [task.parse(task.to_text(row)) for row in batch.tokens]
+    ours, theirs = encode(task, sentences), task.encode(sentences)
+    for name, value in theirs.__dict__.items():
+        assert torch.equal(getattr(ours, name), value), name
+    frame = prediction_frame(task, ours, ours.values, first=10)
+    assert len(frame) == int(ours.lengths.sum()) and frame["correct"].all() and frame["sentence"].iloc[0] == 10
+    cyclic = [task.parse("a=+1; b=-c; c=+b")]
+    with pytest.raises(LegoError, match="line 7: the clauses for b -> c form a cycle"):
+        encode(task, sentences[:2] + cyclic, where=["line 1", "line 2", "line 7"])
+
+
+def test_patch_command_prints_the_strongest_sites_and_says_how_many_it_cut(capsys):
+    assert cli_main(["patch", "--samples", "4", "--depth", "2", "--top", "5", "--attribution-steps", "2"]) == 0
+    out, err = capsys.readouterr()
+    rows = out.strip().splitlines()[1:]
+    assert len(rows) == 5 and "of 744: 739 more" in err and "Pearson r =" in err and "Spearman rho =" in err
+    effects = [float(row.split()[-2]) for row in rows]  # the exact score; the corrupted run scores 0
+    assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
+
+
+def test_predict_streams_every_sentence_in_each_format(capsys, tmp_path, task):
+    from legointerp.checkpoint import load_model
+
+    _, bundled_task, _ = load_model()
+    batch = bundled_task.sample(2100, torch.Generator().manual_seed(8), min_length=1)  # more than one chunk
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(bundled_task.to_text(row) for row in batch.tokens) + "\n")
+    assert cli_main(["predict", "--file", str(path), "--format", "json"]) == 0
+    documents = json.loads(capsys.readouterr().out)
+    assert len(documents) == 2100 and documents[-1]["sentence"] == bundled_task.to_text(batch.tokens[-1])
+    assert cli_main(["predict", "--file", str(path), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sentence,variable,depth,predicted,true,correct" and len(lines) == 1 + int(batch.lengths.sum())
+    assert cli_main(["predict", "--file", str(path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 1 + int(batch.lengths.sum()) and len({len(line) for line in table}) == 1  # one aligned table

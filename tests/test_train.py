@@ -406,3 +406,13 @@ def test_ctrl_c_under_torchrun_stops_every_rank_saves_and_resumes(tmp_path):
     assert json.loads(result.stdout)["steps"] == steps + 2
     logged = [row["step"] for row in read_log(out)]
     assert logged == sorted(set(logged)) and logged[-1] == steps + 2
+
+
+def test_read_log_names_a_missing_or_truncated_log(tmp_path):
+    with pytest.raises(LegoInterpError, match="no training log at"):
+        read_log(tmp_path / "m.pt")
+    assert read_log(tmp_path / "m.pt", missing_ok=True) == []
+    log_path(tmp_path / "m.pt").write_text('{"step": 1, "samples": 8, "accuracy": [0.5]}\n{"step": 2, "sam')
+    with pytest.raises(LegoInterpError, match="line 2 is not JSON"):
+        read_log(tmp_path / "m.pt")
+    assert read_log("bundled") == read_log(bundled_path()) != []

@@ -41,7 +41,7 @@ def test_untrained_models_are_at_chance(name):
 def test_chain_follower_takes_one_chain_step_per_block():
     """A run of the first k + 1 blocks answers exactly depths 0..k: one step per layer, seen without any probe."""
     built = zoo.build("chain-follower")
-    batch = fresh_batch(built.task, 100, seed=2)
+    batch = fresh_batch(built.task, 64, seed=2)
     n = built.task.config.n
     for k in range(n):
         predicted = clause_logits(built.model(batch.tokens, n_layers=k + 1), batch).argmax(-1)  # (B, n)
