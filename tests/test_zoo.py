@@ -108,3 +108,28 @@ def test_zoo_lists_every_model_with_its_ground_truth(capsys):
 def test_zoo_bad_input_is_one_line(capsys, tmp_path, argv, problem):
     code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 2 and out == "" and problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_exact_patching_of_the_chain_follower_is_the_map_its_construction_predicts():
+    """Flip the operator at depth d and patch one clean residual site at a time.  By construction: the embedding of
+    the flipped operator restores everything; at block l >= 1 only clause-first tokens matter (the operator was
+    fetched in block 0); depth d's token restores everything until its value has been read (l <= d + 1), depth k's
+    restores itself and every later depth right after it is resolved (l = k + 1), and only itself after that."""
+    from legointerp.patching import flip_sign, normalised_metric, patch_resid_pre
+
+    built = zoo.build("chain-follower")
+    n, d = built.task.config.n, 3
+    pair = flip_sign(built.task, fresh_batch(built.task, 8, seed=4), d)
+    exact = patch_resid_pre(built.model, pair, normalised_metric(built.model, pair)).numpy()  # (L, T)
+    expected = torch.zeros(exact.shape)
+    start = pair.clean.clause_pos[0]
+    expected[0, start[d] + 2] = 1
+    for k in range(d, n):
+        for layer in range(1, n):
+            if k == d and layer <= d + 1:
+                expected[layer, start[k]] = 1
+            elif layer == k + 1:
+                expected[layer, start[k]] = (n - k) / (n - d)
+            elif layer > k + 1:
+                expected[layer, start[k]] = 1 / (n - d)
+    assert torch.allclose(torch.tensor(exact), expected, atol=5e-3)  # each variable's logit difference is 2 LOGIT to ~1e-3
