@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from legointerp.checkpoint import BUNDLED, load_model
 from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
+from legointerp.model import forward_flops
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file
 from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log
 
@@ -81,6 +82,9 @@ _TRAIN_HELP = {
     "seed": "seed for the weights and the data stream", "device": "cpu, cuda, cuda:N or auto",
     "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
     "save_every": "steps between checkpoint saves",
+    "hardcoded": "per head, comma-separated: a fixed attention pattern computed from the tokens (association: identical "
+                 "variables; manipulation: the query's own clause; broadcast: BOS/EOS) or - for a learned head, the "
+                 "same in every layer (the paper's section 5), e.g. association,manipulation,-,-",
 }
 
 
@@ -117,6 +121,12 @@ def _train(args) -> None:
     config = replace(PRESETS[args.preset], **overrides)
     trainer = Trainer(config, args.out, resume=args.resume, force=args.force, compile=args.compile,
                       progress=not args.quiet, command="legointerp " + " ".join(sys.argv[1:]))
+    if trainer.rank == 0:
+        cfg = trainer.model.cfg
+        learned = forward_flops(replace(cfg, hardcoded=()))
+        print(f"forward FLOPs per sentence: {forward_flops(cfg) / 1e6:.2f} M"
+              + (f" (fully learned attention: {learned / 1e6:.2f} M, {forward_flops(cfg) / learned:.2f}x)"
+                 if cfg.hardcoded else ""), file=sys.stderr)
     try:
         checkpoint, stopped = trainer.fit(), None
     except Interrupted as stop:
@@ -429,7 +439,8 @@ def _add_analyses(sub) -> None:
                                           "patch clean activations back in, per (layer, position) and per head.")
     parser.add_argument("--corrupt", choices=["sign", "root"], default="sign", help="what to corrupt (default: sign)")
     parser.add_argument("--depth", type=NON_NEGATIVE, default=0, help="chain depth of the corrupted operator (default: 0)")
-    parser.add_argument("--heads", action="store_true", help="patch every head's z at every position too (~20x slower)")
+    parser.add_argument("--heads", action="store_true",
+                        help="patch every head's z at every position too (n_heads times as many sites, and slower)")
     parser.add_argument("--top", type=COUNT, default=20, help="sites shown in the table, strongest first (default: 20; "
                                                               "csv and json list all)")
     parser.add_argument("--attribution-steps", type=COUNT, default=4,

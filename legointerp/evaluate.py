@@ -39,10 +39,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool
 class Inference:
     """The model's forward pass for reading answers, not for hooks: weights packed once as ``(d_out, d_in)``, bias,
     GELU and residual adds fused into the GEMMs, and the last block computed only at the positions read out.
-    Equal to ``model(tokens)`` within fp32 rounding (tested).  Shapes: B sentences, P positions, R read out."""
+    Equal to ``model(tokens)`` within fp32 rounding (tested).  Shapes: B sentences, P positions, R read out.
+    Hardcoded heads take their ``patterns`` (B, H_fixed, P, P) from :meth:`LegoTransformer.fixed_patterns`."""
 
     def __init__(self, model):
         cfg = self.cfg = model.cfg
+        self.fixed = cfg.fixed_heads
         self.blocks = []
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
@@ -75,7 +77,7 @@ class Inference:
 
     @torch.no_grad()
     def block(self, layer: int, resid: torch.Tensor, key_mask: torch.Tensor | None = None,
-              queries: torch.Tensor | None = None) -> torch.Tensor:
+              queries: torch.Tensor | None = None, patterns: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P, D) resid_pre -> (B, P, D) resid_post, or (B, R, D) at the positions ``queries`` (B, R) only;
         key_mask: (B, 1, 1, P) bool, True where a key may be attended."""
         weights, H = self.blocks[layer], self.cfg.n_heads
@@ -83,18 +85,22 @@ class Inference:
         if queries is not None:
             q = q.gather(2, queries[:, None, :, None].expand(-1, H, -1, q.shape[-1]))
             resid = resid.gather(1, queries[..., None].expand(-1, -1, resid.shape[-1]))
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2).flatten(2)
-        return self.mlp(layer, linear(z, *weights["out"], add=resid))
+            if patterns is not None:
+                patterns = patterns.gather(2, queries[:, None, :, None].expand(-1, len(self.fixed), -1, patterns.shape[-1]))
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, P or R, E)
+        if patterns is not None:  # a hardcoded head's q and k are zero: its SDPA output is replaced, not used
+            z[:, self.fixed] = patterns.to(v.dtype) @ v[:, self.fixed]
+        return self.mlp(layer, linear(z.transpose(1, 2).flatten(2), *weights["out"], add=resid))
 
     @torch.no_grad()
-    def run(self, resid: torch.Tensor, readout: torch.Tensor, start: int = 0,
-            key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, resid: torch.Tensor, readout: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None,
+            patterns: torch.Tensor | None = None) -> torch.Tensor:
         """(B, P, D) resid_pre of block ``start`` -> (B, R, C) logits at the positions ``readout`` (B, R)."""
         L = self.cfg.n_layers
         for layer in range(start, L - 1):
-            resid = self.block(layer, resid, key_mask)
+            resid = self.block(layer, resid, key_mask, patterns=patterns)
         if start < L:
-            resid = self.block(L - 1, resid, key_mask, queries=readout)
+            resid = self.block(L - 1, resid, key_mask, queries=readout, patterns=patterns)
         else:
             resid = resid.gather(1, readout[..., None].expand(-1, -1, resid.shape[-1]))
         return linear(self._norm(resid, self.ln_final), *self.unembed)
@@ -110,12 +116,19 @@ def predict_chunks(model, batch: LegoBatch, batch_size: int = 512):
     """Yield (b, n) predictions for successive chunks of ``batch_size`` sentences, so a caller can stream them out.
     Mid-size chunks keep each layer's activations in cache (512 x 62 tokens: 8 MB of residual stream)."""
     engine = Inference(model)
+    hooked = any(point.fwd_hooks for point in model.hook_dict.values())  # the engine never fires hooks: honour them
     device = next(model.parameters()).device
     for start in range(0, len(batch), batch_size):
         part = batch[start:start + batch_size].to(device)
         mask = part.attention_mask
-        key_mask = None if bool(mask.all()) else mask[:, None, None, :]
-        yield engine.run(engine.embed(part.tokens), part.clause_pos, key_mask=key_mask).argmax(-1).cpu()
+        if hooked:
+            with torch.no_grad():
+                logits = clause_logits(model(part.tokens, mask), part)
+        else:
+            key_mask = None if bool(mask.all()) else mask[:, None, None, :]
+            logits = engine.run(engine.embed(part.tokens), part.clause_pos, key_mask=key_mask,
+                                patterns=model.fixed_patterns(part.tokens))
+        yield logits.argmax(-1).cpu()
 
 
 def accuracy_by_position(model, batch: LegoBatch) -> torch.Tensor:

@@ -214,7 +214,8 @@ def _ablating(replacements: list[tuple[int, torch.Tensor]], B: int):
 def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     """Accuracy lost per chain depth when each head is ablated: ``mean`` and ``resample`` (one row per head
     ``L{l}H{h}``, one column per depth ``#k``), ``truncated`` (one column: depth l in a run of l + 1 blocks) and, for a
-    weight-tied model, ``every_iteration`` (one row per head index, ablated in every block)."""
+    weight-tied model, ``every_iteration`` (one row per head index, ablated in every block).  Needs a model whose
+    forward takes ``start_at_layer`` and ``n_layers`` (legointerp's own; a TransformerLens bridge does not)."""
     inputs = _model_inputs(batch)
     mask = inputs[1:]
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
@@ -225,15 +226,22 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     columns = [f"#{k}" for k in range(batch.values.shape[1])]
     frames = {"mean": {}, "resample": {}, "truncated": {}}
     tiled_mask = [m.repeat(2 * H, 1) for m in mask]
+    # a model with hardcoded heads builds their patterns from the token ids, which a residual-stream start lacks
+    hardcoded = bool(getattr(model.cfg, "hardcoded", ()))
+    def source(times: int) -> dict:
+        return {"source_tokens": batch.tokens.repeat(times, 1)} if hardcoded else {}
+
     for layer in range(L):
         z = cache["z", layer]  # (B, P, H, E)
         variants = [(h, z[:, :, h].mean(0, keepdim=True)) for h in range(H)] + [(h, z[resample, :, h]) for h in range(H)]
         hook = [(f"blocks.{layer}.attn.hook_z", _ablating(variants, B))]
         start = cache["resid_pre", layer].repeat(2 * H, 1, 1)
-        full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hook), batch)
+        full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hook, **source(2 * H)),
+                         batch)
         truncated = model.run_with_hooks(start[: H * B], *[m[: H * B] for m in tiled_mask], start_at_layer=layer,
-                                         n_layers=layer + 1, fwd_hooks=[(hook[0][0], _ablating(variants[:H], B))])
-        clean_truncated = model(cache["resid_pre", layer], *mask, start_at_layer=layer, n_layers=layer + 1)
+                                         n_layers=layer + 1, fwd_hooks=[(hook[0][0], _ablating(variants[:H], B))],
+                                         **source(H))
+        clean_truncated = model(cache["resid_pre", layer], *mask, start_at_layer=layer, n_layers=layer + 1, **source(1))
         depth = min(layer, batch.values.shape[1] - 1)
         truncated_drop = _accuracy(clean_truncated, batch)[0, depth] - _accuracy(truncated, batch)[:, depth]
         for h in range(H):

@@ -2,7 +2,8 @@
 
 ``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, cache
 helpers and stacked weights, and the analyses run on it (it is ~1.5x faster than the bridge).
-``to_bridge`` exports any model to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
+``to_bridge`` exports any model without hardcoded heads (whose fixed patterns the bridge cannot hold; it
+refuses those) to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
 the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that
 all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
 one): ``model.to_tokens`` makes its input.
@@ -19,6 +20,7 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from legointerp.errors import LegoInterpError
 from legointerp.model import LegoTransformer
 
 
@@ -50,6 +52,10 @@ def bridge_state_dict(model: LegoTransformer) -> dict[str, torch.Tensor]:
 def to_bridge(model: LegoTransformer) -> TransformerBridge:
     """A ``TransformerBridge`` (bidirectional, GELU, pre-LN) with this model's weights, in eval mode."""
     cfg = model.cfg
+    if cfg.hardcoded:
+        raise LegoInterpError(f"this model has hardcoded attention heads ({','.join(k or '-' for k in cfg.hardcoded)}), "
+                              "whose fixed patterns a TransformerBridge cannot hold: analyse the model itself, which is a "
+                              "TransformerLens HookedRootModule (run_with_cache, run_with_hooks and every command work on it)")
     bridge_config = TransformerBridgeConfig(
         d_model=cfg.d_model, d_head=cfg.d_head, n_layers=cfg.n_layers, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads,
         d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, act_fn="gelu", eps=cfg.eps,

@@ -13,6 +13,14 @@ Fused kernels run unless a hook asks for what they never form: attention goes th
 (``hook_result``) exist only after ``set_use_attn_result(True)``, as in TransformerLens.
 Every affine map is :func:`affine`, so under autocast q/k/v, the MLP and each sublayer's output
 stay in bf16, while fp32 results are bit-identical to a plain ``x @ W + b``.
+
+*Hardcoded heads* (the paper's section 5): ``ModelConfig.hardcoded`` names, per head index, a fixed
+pattern computed from the tokens alone (``HARDCODED``: the masks of :mod:`legointerp.patterns`,
+row-normalised), the same in every layer; those heads have no query or key (their ``W_Q``/``W_K``
+stay zero and get no gradient, no ``QK^T``, no softmax) and learn only their value/output maps.
+``hook_pattern`` fires with every head's pattern, fixed ones included, so every analysis sees it;
+``hook_q``/``hook_k``/``hook_attn_scores`` hold zeros for the fixed heads.  :func:`forward_flops`
+counts what this saves.
 """
 
 from __future__ import annotations
@@ -28,7 +36,16 @@ from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from legointerp.errors import LegoInterpError
+from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
 from legointerp.task import LegoTask
+
+# The fixed patterns a head can be given: (B, T) tokens and the config -> (B, T, T) mask of the keys each query attends
+HARDCODED = {
+    # the paper's 1[u_i = u_j] at variable queries, the query itself included
+    "association": lambda tokens, cfg: association_mask(tokens, tokens >= cfg.variable_offset, include_self=True),
+    "manipulation": lambda tokens, cfg: manipulation_mask(tokens),
+    "broadcast": lambda tokens, cfg: broadcast_mask(tokens),
+}
 
 
 class ConfigError(LegoInterpError):
@@ -48,6 +65,8 @@ class ModelConfig:
     min_depth: int | None = None  # stochastic depth (tied only): train depth ~ U[min_depth, n_layers]
     eps: float = 1e-5
     init_range: float = 0.02
+    hardcoded: tuple[str | None, ...] = ()  # per head index, in every layer: a name in HARDCODED, or None (learned)
+    variable_offset: int | None = None  # first variable token id (every id from it up): association's queries
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
@@ -67,6 +86,23 @@ class ModelConfig:
                 raise ConfigError("stochastic depth needs a weight-tied (ALBERT-like) model: add --tied or drop --min-depth")
             if not 1 <= self.min_depth <= self.n_layers:
                 raise ConfigError(f"min_depth={self.min_depth} must lie in 1..n_layers={self.n_layers}")
+        # all heads learned is one config however it is spelled, so () and (None, None, ...) compare equal
+        self.hardcoded = tuple(self.hardcoded) if any(kind is not None for kind in self.hardcoded) else ()
+        if self.hardcoded:
+            if len(self.hardcoded) != self.n_heads:
+                raise ConfigError(f"hardcoded names {len(self.hardcoded)} heads but the model has n_heads={self.n_heads}: "
+                                  "give one entry per head, '-' for a learned one (e.g. association,manipulation,-,-)")
+            unknown = sorted({kind for kind in self.hardcoded if kind is not None} - set(HARDCODED))
+            if unknown:
+                raise ConfigError(f"unknown hardcoded pattern {unknown[0]!r}: use {', '.join(HARDCODED)} or '-' (learned)")
+            if "association" in self.hardcoded and self.variable_offset is None:
+                raise ConfigError("an association head needs the task's variable ids: set variable_offset to "
+                                  "LegoTask.variable_offset (TrainConfig.model_config does)")
+
+    @property
+    def fixed_heads(self) -> list[int]:
+        """Indices of the hardcoded heads (empty: every head learned)."""
+        return [h for h, kind in enumerate(self.hardcoded) if kind is not None]
 
     @property
     def d_head(self) -> int:
@@ -74,6 +110,20 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("device", "use_attn_result")}
+
+
+def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
+    """Forward FLOPs of one sentence of ``n_tokens`` tokens (default ``n_ctx``), from the shapes alone: two per
+    multiply-add of every matrix product (what ``torch.utils.flop_counter.FlopCounterMode`` counts).  Per layer:
+    the q/k/v projection (q and k for the learned heads only), ``QK^T`` for the learned heads, the pattern times v
+    and the output map for every head, the MLP; then the unembedding.  A hardcoded head saves its q/k projection
+    and ``QK^T`` (its pattern is built from token comparisons, which are not FLOPs); softmax, LayerNorm and GELU
+    are elementwise and not counted."""
+    T = cfg.n_ctx if n_tokens is None else n_tokens
+    D, E, H, M = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp
+    learned = H - len(cfg.fixed_heads)
+    layer = 2 * T * D * E * (2 * learned + H) + 2 * T * T * E * (learned + H) + 2 * T * D * D + 4 * T * D * M
+    return cfg.n_layers * layer + 2 * T * D * cfg.d_vocab_out
 
 
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,20 +171,54 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # (B, H, Q, K)
         self.hook_z = HookPoint()  # (B, P, H, E)
         self.hook_result = HookPoint()  # (B, P, H, D): each head's write to the residual stream, if use_attn_result
+        fixed = cfg.fixed_heads
+        learned = [h for h in range(H) if h not in fixed]
+        # head indices as buffers, so they follow the weights' device; never saved (the config says it all)
+        self.register_buffer("fixed", torch.tensor(fixed, dtype=torch.long), persistent=False)
+        self.register_buffer("order", torch.tensor(learned + fixed).argsort(), persistent=False)  # -> head order
+        if fixed:
+            self.register_buffer("learned", torch.tensor(learned, dtype=torch.long), persistent=False)
+        else:
+            self.learned = slice(None)  # the usual model gathers nothing
 
-    def forward(self, x, key_mask):
-        """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None."""
-        # one GEMM for q, k and v: (D, 3 H E), then split back into TransformerLens's (B, P, H, E)
-        W = torch.stack([self.W_Q, self.W_K, self.W_V]).permute(2, 0, 1, 3).flatten(1)
-        b = torch.stack([self.b_Q, self.b_K, self.b_V]).flatten()
-        q, k, v = affine(x, W, b).unflatten(-1, (3, *self.b_Q.shape)).unbind(2)
-        q, k, v = (hook(t).transpose(1, 2) for hook, t in ((self.hook_q, q), (self.hook_k, k), (self.hook_v, v)))
+    def _merge(self, learned: torch.Tensor, fixed: torch.Tensor | None, dim: int) -> torch.Tensor:
+        """The learned heads' and the fixed heads' slices (zeros if ``fixed`` is None), stacked along ``dim``, back
+        in head order."""
+        if fixed is None:
+            shape = list(learned.shape)
+            shape[dim] = len(self.fixed)
+            fixed = learned.new_zeros(shape)
+        return torch.cat([learned, fixed], dim).index_select(dim, self.order)
+
+    def _hook_learned(self, hook: HookPoint, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Fire ``hook`` on the learned heads' ``t`` shown with every head (zeros at the fixed ones, which have no
+        query, key or score) and return the learned heads' part of what the hook returns."""
+        if not self.cfg.hardcoded:
+            return hook(t)
+        return hook(self._merge(t, None, dim)).index_select(dim, self.learned)
+
+    def forward(self, x, key_mask, fixed_pattern=None):
+        """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None; fixed_pattern: (B, H_fixed, P, P) the
+        hardcoded heads' attention, in head order (None when every head is learned)."""
+        H, E = self.cfg.n_heads, self.cfg.d_head
+        n_learned = H - len(self.fixed)
+        # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
+        W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
+        b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
+        q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
+        q, k = self._hook_learned(self.hook_q, q, 2), self._hook_learned(self.hook_k, k, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.hook_v(v).transpose(1, 2)
         if _hooked(self.hook_attn_scores, self.hook_pattern):
-            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            scores = q @ k.transpose(-1, -2) / math.sqrt(E)
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask, float("-inf"))
-            pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(-1))
-            z = pattern @ v
+            pattern = self._hook_learned(self.hook_attn_scores, scores, 1).softmax(-1)
+            if self.cfg.hardcoded:
+                pattern = self._merge(pattern, fixed_pattern.to(pattern.dtype), 1)
+            z = self.hook_pattern(pattern) @ v
+        elif self.cfg.hardcoded:
+            z = F.scaled_dot_product_attention(q, k, v[:, self.learned], attn_mask=key_mask)
+            z = self._merge(z, fixed_pattern.to(v.dtype) @ v[:, self.fixed], 1)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         z = self.hook_z(z.transpose(1, 2))  # (B, P, H, E)
@@ -164,9 +248,9 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, resid, key_mask):
+    def forward(self, resid, key_mask, fixed_pattern=None):
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_mask)))
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_mask, fixed_pattern)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 
@@ -198,6 +282,9 @@ class LegoTransformer(HookedRootModule):
                 nn.init.normal_(p, std=self.cfg.init_range)
                 if name.endswith(("W_O", "W_out")):  # GPT-2: keep the residual stream's variance flat in depth
                     p.data /= math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:  # hardcoded heads have no query or key: zero, and never given a gradient
+            for p in (block.attn.W_Q, block.attn.W_K, block.attn.b_Q, block.attn.b_K):
+                p.data[self.cfg.fixed_heads] = 0
 
     def _tie_blocks(self):
         """ALBERT: every block reuses block 0's parameters, while keeping its own hook points."""
@@ -213,23 +300,40 @@ class LegoTransformer(HookedRootModule):
         return module
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                n_layers: int | None = None, start_at_layer: int | None = None) -> torch.Tensor:
+                n_layers: int | None = None, start_at_layer: int | None = None,
+                source_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
-        ``tokens`` is then the residual stream (B, P, d_model) entering that block.  Returns logits (B, P, d_vocab_out)."""
+        ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
+        ids it came from, which a model with hardcoded heads needs for their patterns.  Returns logits (B, P, d_vocab_out)."""
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
         if start_at_layer is None:
+            source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)
             # a broadcast view, so the hook sees TransformerLens's (B, P, D) and decompose_resid can stack it with embed
             resid = embed + self.hook_pos_embed(self.pos_embed.W_pos[:P].expand_as(embed))
         else:
             resid = tokens
+        fixed_pattern = self.fixed_patterns(source_tokens)
         for block in self.blocks[start_at_layer or 0: n_layers or self.cfg.n_layers]:
-            resid = block(resid, key_mask)
+            resid = block(resid, key_mask, fixed_pattern)
         return affine(self.ln_final(resid), self.unembed.W_U, self.unembed.b_U)
+
+    def fixed_patterns(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, H_fixed, P, P) the hardcoded heads' attention from (B, P) token ids, in head order: each ``HARDCODED``
+        mask row-normalised (a query with no key attends to nothing), shared by every layer.  None when every head
+        is learned."""
+        if not self.cfg.hardcoded:
+            return None
+        if tokens is None:
+            raise ConfigError("this model has hardcoded attention heads, whose patterns come from the token ids: pass "
+                              "source_tokens=<the (batch, pos) ids> along with start_at_layer")
+        kinds = [self.cfg.hardcoded[h] for h in self.cfg.fixed_heads]
+        patterns = {kind: row_normalised(HARDCODED[kind](tokens, self.cfg)) for kind in set(kinds)}
+        return torch.stack([patterns[kind] for kind in kinds], 1)
 
     def run_with_cache(self, *args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
         """As ``HookedTransformer.run_with_cache``: the cache is an ``ActivationCache`` (``cache["pattern", l]``)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from legointerp.model import ConfigError
+from legointerp.model import HARDCODED, ConfigError
 from legointerp.task import LegoTask
 
 MAX_SAMPLES = 100_000  # sentences per analysis or batch; beyond this a CPU run takes hours and GBs
@@ -111,6 +111,26 @@ class Device:
 DEVICE = Device()
 
 
+class HardcodedHeads:
+    """argparse ``type`` for ``--hardcoded``: one entry per head, a fixed pattern or ``-`` for a learned head
+    (``association,manipulation,-,-``); also checks a tuple set from Python.  The head count is checked against
+    ``n_heads`` by the model config."""
+
+    __name__ = "hardcoded heads"
+
+    def check(self, name: str, value) -> None:
+        if not isinstance(value, tuple) or any(kind is not None and kind not in HARDCODED for kind in value):
+            raise ConfigError(f"{name}={value!r} is not a tuple of {', '.join(HARDCODED)} or None (learned), one per head")
+
+    def __call__(self, text: str) -> tuple[str | None, ...]:
+        kinds = tuple(None if kind.strip() in ("-", "") else kind.strip() for kind in text.split(","))
+        unknown = [kind for kind in kinds if kind is not None and kind not in HARDCODED]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not a hardcoded pattern: give one of "
+                                             f"{', '.join(HARDCODED)} or - (learned) per head, e.g. association,manipulation,-,-")
+        return kinds
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` -> cuda when a GPU is visible, else cpu; raises :class:`ConfigError` for a device that is not here."""
     if isinstance(name, torch.device):
@@ -129,13 +149,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- training
-# TrainConfig's numeric fields and device; group, n and supervision are checked by the task that uses them
+# TrainConfig's numeric fields, device and hardcoded heads; group, n and supervision are checked by the task that uses them
 TRAIN_OPTIONS = {
     "n": COUNT, "n_tr": COUNT, "min_length": COUNT, "curriculum_start": COUNT, "curriculum_threshold": FRACTION,
     "d_model": COUNT, "n_heads": COUNT, "n_layers": COUNT, "d_mlp": COUNT, "min_depth": COUNT,
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE_REAL, "warmup": NON_NEGATIVE, "decay": PROPORTION,
     "batch_size": SAMPLES, "steps": COUNT, "mimic_steps": NON_NEGATIVE, "target_accuracy": FRACTION, "seed": SEED,
-    "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT,
+    "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "hardcoded": HardcodedHeads(),
 }
 OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy"}  # None means "not used"
 

@@ -31,7 +31,7 @@ from legointerp.checkpoint import BUNDLED_FILES, Checkpoint, bundled_path, load_
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, clause_logits, test_batch
 from legointerp.files import OutputLock, atomic_write, prepare_output, remove_stale_temps
-from legointerp.model import ConfigError, LegoTransformer, ModelConfig
+from legointerp.model import ConfigError, LegoTransformer, ModelConfig, forward_flops
 from legointerp.options import check_train_config, resolve_device
 from legointerp.patterns import association_mask, manipulation_mask, row_normalised
 from legointerp.task import LegoBatch, LegoTask, TaskConfig, supervision_mask
@@ -55,6 +55,7 @@ class TrainConfig:
     d_mlp: int = 256
     tied: bool = True
     min_depth: int | None = None
+    hardcoded: tuple[str | None, ...] = ()  # per head index: a fixed pattern (model.HARDCODED) or None (learned)
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -80,7 +81,7 @@ class TrainConfig:
     def model_config(self, task: LegoTask) -> ModelConfig:
         return ModelConfig(d_vocab=task.d_vocab, d_vocab_out=task.n_classes, n_ctx=task.n_ctx, d_model=self.d_model,
                            n_heads=self.n_heads, n_layers=self.n_layers, d_mlp=self.d_mlp, tied=self.tied,
-                           min_depth=self.min_depth)
+                           min_depth=self.min_depth, hardcoded=self.hardcoded, variable_offset=task.variable_offset)
 
     def loss_mask(self) -> torch.Tensor:
         return supervision_mask(self.n, self.n_tr, list(self.supervised) if self.supervised is not None else None)
@@ -92,7 +93,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in d.items() if k in known})
-        return replace(config, supervised=tuple(config.supervised) if config.supervised is not None else None)
+        return replace(config, supervised=tuple(config.supervised) if config.supervised is not None else None,
+                       hardcoded=tuple(config.hardcoded))
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -131,12 +133,10 @@ def training_cost(config: TrainConfig) -> TrainingCost:
     tests/test_train.py checks both counts against torch's own on the CPU."""
     task = LegoTask(config.task_config())
     T, D, M, H, L = task.n_ctx, config.d_model, config.d_mlp, config.n_heads, config.n_layers
-    V = task.n_classes
-    layer_weights = 4 * D * D + 2 * D * M
-    forward = L * T * (2 * layer_weights + 4 * T * D) + 2 * T * D * V
-    parameters = sum(p.numel() for p in LegoTransformer(config.model_config(task)).parameters())
-    return TrainingCost(flops_per_sentence=3 * forward, parameters=parameters, state_bytes=18 * parameters,
-                        activation_bytes_per_sentence=T * (L * (20 * D + 4 * M + 4 * H + 16) + 6 * D),
+    model_config = config.model_config(task)
+    parameters = sum(p.numel() for p in LegoTransformer(model_config).parameters())
+    return TrainingCost(flops_per_sentence=3 * forward_flops(model_config), parameters=parameters,
+                        state_bytes=18 * parameters, activation_bytes_per_sentence=T * (L * (20 * D + 4 * M + 4 * H + 16) + 6 * D),
                         batch_size=config.batch_size)
 
 

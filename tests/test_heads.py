@@ -127,3 +127,13 @@ def test_records_and_offline_attention_view(task):
     assert "src=\"http" not in view and "https://unpkg" not in view
     assert "L0H1" in view and task.to_text(batch.tokens[0]).split("=")[0].strip() in view
     assert report.plot().data[0].z.shape == (2, 4)
+
+
+def test_hardcoded_heads_are_labelled_with_their_fixed_pattern_and_ablate(task):
+    model = small_model(task, n_layers=2, hardcoded=("association", "manipulation", None, None),
+                        variable_offset=task.variable_offset)
+    batch = task.sample(32, torch.Generator().manual_seed(6))
+    frame = classify_heads(model, batch, task).to_frame()
+    assert frame.query("head == 0")["label"].eq("association").all()
+    assert frame.query("head == 1")["label"].eq("manipulation").all()
+    assert frame[["mean_drop", "resample_drop", "truncated_drop"]].notna().all().all()

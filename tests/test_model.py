@@ -1,9 +1,16 @@
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from legointerp.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from legointerp.errors import LegoInterpError
-from legointerp.model import ConfigError, ModelConfig, affine
-from legointerp.task import LegoTask, TaskConfig
+from legointerp.evaluate import clause_logits, test_batch as fresh_sentences
+from legointerp.hooked import to_bridge
+from legointerp.model import ConfigError, ModelConfig, affine, forward_flops
+from legointerp.options import HardcodedHeads
+from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
+from legointerp.task import PAD, LegoTask, TaskConfig
+from legointerp.train import TrainConfig, Trainer
 from tests.conftest import small_model
 
 
@@ -125,3 +132,125 @@ def test_text_without_a_vocabulary_says_how_to_attach_one(task):
         small_model(task).to_tokens("a=+1")
     with pytest.raises(ConfigError, match="trained on"):
         small_model(task).set_task(LegoTask(TaskConfig(n=6, group="task2")))
+
+
+# ---------------------------------------------------------------------------- hardcoded attention (paper, section 5)
+HARDCODED_HEADS = ("association", "manipulation", None, "broadcast")
+
+
+def hardcoded_model(task, **overrides):
+    return small_model(task, hardcoded=HARDCODED_HEADS, variable_offset=task.variable_offset, **overrides)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hardcoded_heads_attend_exactly_by_their_row_normalised_mask(task, tied):
+    model = hardcoded_model(task, tied=tied)
+    batch = task.sample(6, torch.Generator().manual_seed(0), min_length=2)  # padded rows too
+    tokens = batch.tokens
+    expected = {"association": association_mask(tokens, tokens >= task.variable_offset, include_self=True),
+                "manipulation": manipulation_mask(tokens), "broadcast": broadcast_mask(tokens)}
+    logits, cache = model.run_with_cache(tokens, batch.attention_mask)
+    for layer in range(3):
+        pattern = cache["pattern", layer]
+        for head, kind in enumerate(HARDCODED_HEADS):
+            if kind is not None:
+                assert torch.equal(pattern[:, head], row_normalised(expected[kind])), (layer, kind)
+        real = tokens != PAD
+        assert torch.allclose(pattern[:, 2].sum(-1)[real], torch.ones(int(real.sum())))  # the learned head: softmax
+        assert not cache["q", layer][:, :, [0, 1, 3]].any() and cache["q", layer][:, :, 2].any()
+    assert torch.allclose(model(tokens, batch.attention_mask), logits, atol=1e-5)  # fused path == materialised
+    resumed = model(cache["resid_pre", 1], batch.attention_mask, start_at_layer=1, source_tokens=tokens)
+    assert torch.allclose(resumed, logits, atol=1e-5)
+    with pytest.raises(ConfigError, match="source_tokens"):
+        model(cache["resid_pre", 1], start_at_layer=1)
+
+
+def test_hardcoded_heads_learn_only_their_value_and_output_maps(task):
+    model = hardcoded_model(task).train()
+    model(task.sample(4, torch.Generator().manual_seed(0)).tokens).square().sum().backward()
+    for block in model.blocks:
+        attn = block.attn
+        for p in (attn.W_Q, attn.W_K, attn.b_Q, attn.b_K):
+            assert not p[[0, 1, 3]].any() and not p.grad[[0, 1, 3]].any()  # zero, and kept zero
+        assert attn.W_Q.grad[2].any() and attn.W_K.grad[2].any()
+        assert attn.W_V.grad[[0, 1, 3]].flatten(1).any(-1).all() and attn.W_O.grad[[0, 1, 3]].flatten(1).any(-1).all()
+
+
+def test_hardcoded_model_round_trips_and_older_checkpoints_still_load(task, tmp_path):
+    model = hardcoded_model(task, tied=True)
+    tokens = task.sample(3, torch.Generator().manual_seed(0)).tokens
+    path = save_checkpoint(Checkpoint(model.cfg, task.config, model.state_dict()), tmp_path / "hard.pt")
+    loaded, _, _ = load_model(path)
+    assert loaded.cfg.hardcoded == HARDCODED_HEADS and loaded.cfg == model.cfg
+    assert torch.equal(loaded(tokens), model(tokens))
+    # a checkpoint written before the option existed has neither field: every head learned
+    learned = small_model(task)
+    old = save_checkpoint(Checkpoint(learned.cfg, task.config, learned.state_dict()), tmp_path / "old.pt")
+    payload = torch.load(old, weights_only=True)
+    for name in ("hardcoded", "variable_offset"):
+        del payload["model_config"][name]
+    torch.save(payload, old)
+    loaded, _, _ = load_model(old)
+    assert loaded.cfg.hardcoded == () and torch.equal(loaded(tokens), learned(tokens))
+
+
+@pytest.mark.parametrize("hardcoded", [(), ("association", "manipulation", None, None), ("manipulation",) * 4])
+def test_forward_flops_match_torchs_count(hardcoded):
+    task = LegoTask(TaskConfig(n=12))
+    model = small_model(task, hardcoded=hardcoded, variable_offset=task.variable_offset, d_mlp=128)
+
+    def counted(size: int) -> int:
+        # hooking the pattern materialises attention, whose products FlopCounterMode misses in the CPU's fused kernel
+        hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook: None) for layer in range(3)]
+        with FlopCounterMode(display=False) as flops, model.hooks(fwd_hooks=hooks):
+            model(task.sample(size, torch.Generator().manual_seed(0)).tokens)
+        return flops.get_total_flops()
+
+    assert (counted(8) - counted(4)) / 4 == pytest.approx(forward_flops(model.cfg), rel=0.02)
+    learned = forward_flops(ModelConfig(**{**model.cfg.to_dict(), "hardcoded": ()}))
+    assert (forward_flops(model.cfg) < learned) == bool(hardcoded)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(hardcoded=("association", None)), "one entry per head"),
+    (dict(hardcoded=("manipulation", "induction", None, None)), "unknown hardcoded pattern 'induction'"),
+    (dict(hardcoded=("association", None, None, None)), "variable_offset"),
+])
+def test_impossible_hardcoded_configs(overrides, problem):
+    config = dict(d_vocab=10, d_vocab_out=2, n_ctx=12, d_model=32, n_heads=4, n_layers=3, d_mlp=64)
+    with pytest.raises(ConfigError, match=problem):
+        ModelConfig(**{**config, **overrides})
+
+
+def test_hardcoded_option_on_the_command_line_and_the_bridge(task, capsys, tmp_path):
+    from legointerp.cli import main
+
+    assert HardcodedHeads()("association, manipulation,-,-") == ("association", "manipulation", None, None)
+    assert main(["train", "--hardcoded", "association,conv,-,-"]) == 2
+    assert "'conv' is not a hardcoded pattern" in capsys.readouterr().err
+    assert main(["train", "--hardcoded", "association,-", "--out", str(tmp_path / "model.pt")]) == 2
+    assert "n_heads=4" in capsys.readouterr().err
+    with pytest.raises(LegoInterpError, match="TransformerBridge cannot hold"):
+        to_bridge(hardcoded_model(task))
+
+
+@pytest.fixture
+def one_thread():
+    # tiny matrices: a second thread only adds synchronisation, which on a busy machine costs ~50x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_with_association_and_manipulation_fixed_learns_the_first_step(tmp_path, one_thread):
+    config = TrainConfig(n=6, d_model=32, n_heads=4, n_layers=3, d_mlp=64, hardcoded=("association", "manipulation", None, None),
+                         mimic_steps=0, steps=100, batch_size=64, warmup=20, lr=3e-3, eval_every=100, eval_size=100,
+                         device="cpu")
+    trainer = Trainer(config, tmp_path / "hard.pt", progress=False)
+    logged = trainer.fit().accuracy
+    batch = fresh_sentences(trainer.task, 400)
+    with torch.no_grad():
+        accuracy = (clause_logits(trainer.model(batch.tokens), batch).argmax(-1) == batch.values).float().mean(0)
+    assert accuracy[0] > 0.9 and logged[0] > 0.9  # chance: 0.5
+    assert load_checkpoint(tmp_path / "hard.pt").model_config.hardcoded == config.hardcoded

@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
+from legointerp import cli
+from legointerp.checkpoint import Checkpoint, save_checkpoint
 from legointerp.cli import main as cli_main
 from legointerp.evaluate import Inference, clause_logits, encode, predict, prediction_frame
 from legointerp.hooked import to_bridge
@@ -131,15 +133,23 @@ def test_attribution_equals_transformer_lens_attribution_patch_on_the_bridge(tas
     assert torch.allclose(*map(torch.tensor, zip(*compared)), atol=1e-5)
 
 
-def test_fast_forward_equals_the_model_with_padding(task):
-    model = small_model(task)
+@pytest.mark.parametrize("hardcoded", [(), ("association", "manipulation", None, None)])
+def test_fast_forward_equals_the_model_with_padding(task, hardcoded):
+    model = small_model(task, hardcoded=hardcoded, variable_offset=task.variable_offset)
+    with torch.no_grad():
+        for p in model.parameters():  # hardcoded heads' q and k stay zero, as the model keeps them
+            p += 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * (p != 0)
     batch = task.sample(64, torch.Generator().manual_seed(4), min_length=2)
     engine = Inference(model)
     mask = batch.attention_mask[:, None, None, :]
-    fast = engine.run(engine.embed(batch.tokens), batch.clause_pos, key_mask=mask)
+    fast = engine.run(engine.embed(batch.tokens), batch.clause_pos, key_mask=mask, patterns=model.fixed_patterns(batch.tokens))
     with torch.no_grad():
-        assert torch.allclose(fast, clause_logits(model(batch.tokens, batch.attention_mask), batch), atol=1e-5)
-    assert predict(model, batch, batch_size=7).shape == batch.values.shape
+        expected = clause_logits(model(batch.tokens, batch.attention_mask), batch)
+    assert torch.allclose(fast, expected, atol=1e-5)
+    assert torch.equal(predict(model, batch, batch_size=7), expected.argmax(-1))
+    flip = lambda logits, hook: -logits  # noqa: E731  a hook the fast path cannot run: predict must honour it
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", flip)]), torch.no_grad():
+        assert torch.equal(predict(model, batch), clause_logits(model(batch.tokens, batch.attention_mask), batch).argmax(-1))
 
 
 def test_vectorised_encode_equals_the_task_encoder_and_names_a_cycle(task):
@@ -155,28 +165,34 @@ def test_vectorised_encode_equals_the_task_encoder_and_names_a_cycle(task):
         encode(task, sentences[:2] + cyclic, where=["line 1", "line 2", "line 7"])
 
 
-def test_patch_command_prints_the_strongest_sites_and_says_how_many_it_cut(capsys):
-    assert cli_main(["patch", "--samples", "4", "--depth", "2", "--top", "5", "--attribution-steps", "2"]) == 0
+@pytest.fixture
+def ckpt(tmp_path, task):
+    model = small_model(task)
+    return save_checkpoint(Checkpoint(model_config=model.cfg, task_config=task.config, state_dict=model.state_dict()),
+                           tmp_path / "model.pt")
+
+
+def test_patch_command_prints_the_strongest_sites_and_says_how_many_it_cut(capsys, ckpt, task):
+    assert cli_main(["patch", "--ckpt", str(ckpt), "--samples", "4", "--depth", "2", "--top", "5"]) == 0
     out, err = capsys.readouterr()
     rows = out.strip().splitlines()[1:]
-    assert len(rows) == 5 and "of 744: 739 more" in err and "Pearson r =" in err and "Spearman rho =" in err
+    sites = 3 * task.n_ctx  # resid_pre only: heads are opt-in
+    assert len(rows) == 5 and f"of {sites}: {sites - 5} more" in err and "Pearson r =" in err and "Spearman rho =" in err
     effects = [float(row.split()[-2]) for row in rows]  # the exact score; the corrupted run scores 0
     assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
 
 
-def test_predict_streams_every_sentence_in_each_format(capsys, tmp_path, task):
-    from legointerp.checkpoint import load_model
-
-    _, bundled_task, _ = load_model()
-    batch = bundled_task.sample(2100, torch.Generator().manual_seed(8), min_length=1)  # more than one chunk
+def test_predict_streams_every_sentence_in_each_format(capsys, tmp_path, monkeypatch, ckpt, task):
+    monkeypatch.setattr(cli, "PREDICT_CHUNK", 16)  # several chunks from a small file
+    batch = task.sample(50, torch.Generator().manual_seed(8), min_length=1)
     path = tmp_path / "sentences.txt"
-    path.write_text("\n".join(bundled_task.to_text(row) for row in batch.tokens) + "\n")
-    assert cli_main(["predict", "--file", str(path), "--format", "json"]) == 0
+    path.write_text("\n".join(task.to_text(row) for row in batch.tokens) + "\n")
+    assert cli_main(["predict", "--ckpt", str(ckpt), "--file", str(path), "--format", "json"]) == 0
     documents = json.loads(capsys.readouterr().out)
-    assert len(documents) == 2100 and documents[-1]["sentence"] == bundled_task.to_text(batch.tokens[-1])
-    assert cli_main(["predict", "--file", str(path), "--format", "csv"]) == 0
+    assert len(documents) == 50 and documents[-1]["sentence"] == task.to_text(batch.tokens[-1])
+    assert cli_main(["predict", "--ckpt", str(ckpt), "--file", str(path), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "sentence,variable,depth,predicted,true,correct" and len(lines) == 1 + int(batch.lengths.sum())
-    assert cli_main(["predict", "--file", str(path)]) == 0
+    assert cli_main(["predict", "--ckpt", str(ckpt), "--file", str(path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 1 + int(batch.lengths.sum()) and len({len(line) for line in table}) == 1  # one aligned table
