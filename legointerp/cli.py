@@ -397,7 +397,11 @@ def _shortcut(args) -> None:
 
     model, task, _, batch = _analysis_inputs(args)
     result = detect_shortcut(model, batch, task, log=read_log(args.ckpt, missing_ok=True))
-    _emit(args, result.to_frame(), result.to_dict())
+    frame = result.to_frame()
+    if args.format == "table":  # one row per piece of evidence, each in its own unit: no shared float format
+        frame = frame.assign(**{c: frame[c].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}")
+                                for c in ("last", "middle")})
+    _emit(args, frame, result.to_dict())
     if args.format == "table":
         print(f"verdict: {result.verdict}")
     if args.plot:

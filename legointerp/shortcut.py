@@ -34,7 +34,7 @@ from plotly.subplots import make_subplots
 
 from legointerp.evaluate import accuracy_by_position, clause_logits
 from legointerp.heads import attention_patterns
-from legointerp.patching import PatchingPair, aligned, flip_sign, logit_difference
+from legointerp.patching import PatchingPair, flip_sign, logit_difference
 from legointerp.probes import PercolationResult, percolation
 from legointerp.task import EOS, PAD, CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
@@ -254,7 +254,6 @@ def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] 
     if n < 4:
         raise LegoError(f"shortcut detection compares the last variable with the middle of the chain: it needs "
                         f"sentences of at least 4 clauses, these have {n}")
-    batch = aligned(batch)  # one clause order for all: patching and resampling compare like positions
     middle = middle_depths(n)
     level = learned_level(task.n_classes)
     last_accuracy = float(accuracy_by_position(model, batch)[-1])

@@ -137,3 +137,14 @@ def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path)
                            tmp_path / "short.pt")
     assert main(["shortcut", "--ckpt", str(ckpt), "--samples", "50"]) == 2
     assert "at least 4 clauses" in capsys.readouterr().err
+
+
+def test_shipped_shortcut_model_counts_and_is_found():
+    """The second shipped model (2 layers, n = 8: too shallow to follow the chain) learned the last variable by
+    counting: rewired so that chain and count disagree, it answers the count; the detector says shortcut."""
+    model, task, _ = load_model("bundled-shortcut")
+    batch = fresh_sentences(task, 600, seed=8)
+    result = detect_shortcut(model, batch, task, log=read_log("bundled-shortcut"), attention_samples=64, patching_samples=32)
+    assert result.counterfactual["count"] > 0.7 and result.verdict == "shortcut", result.evidence.to_string()
+    votes = result.evidence.set_index("evidence")["shortcut"]
+    assert votes.loc[["training order", "probes"]].tolist() == [True, True]
