@@ -102,7 +102,7 @@ def test_bad_head_name_is_a_clear_error(capsys, ckpt, tmp_path):
 
 
 def test_patch_json_has_layer_by_position_matrices(capsys, ckpt):
-    code, out, err = run(capsys, "patch", "--ckpt", ckpt, "--samples", 4, "--depth", 2, "--format", "json")
+    code, out, err = run(capsys, "patch", "--ckpt", ckpt, "--samples", 4, "--depth", 2, "--heads", "--format", "json")
     document = json.loads(out)
     assert code == 0 and len(document["resid_pre"]) == 3 and len(document["resid_pre"][0]) == len(document["positions"])
     assert len(document["head_z"][0][0]) == 4 and "agreement" in document and "r =" in err
