@@ -1,7 +1,7 @@
 """Wall time of the analyses on a checkpoint (default: the bundled model), as `legointerp report` runs them,
 then the whole report (heads + probes + patching + shortcut + page) against its 60 s goal.
 
-    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 250] [--patch-samples 16]
+    python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 120] [--patch-samples 16]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--samples", type=int, default=1500)
-    parser.add_argument("--head-samples", type=int, default=250)
+    parser.add_argument("--head-samples", type=int, default=120)
     parser.add_argument("--patch-samples", type=int, default=16)
     args = parser.parse_args()
     model, task, _ = load_model(args.ckpt)
