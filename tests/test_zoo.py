@@ -133,3 +133,21 @@ def test_exact_patching_of_the_chain_follower_is_the_map_its_construction_predic
             elif layer > k + 1:
                 expected[layer, start[k]] = 1 / (n - d)
     assert torch.allclose(torch.tensor(exact), expected, atol=0.01)  # each variable's logit difference is equal to ~1%
+
+
+def test_exact_patching_tells_the_counter_from_the_chain_follower():
+    """Patching the flipped clause's first token after block 0 restores every later variable of a chain-follower, but
+    not the counter's last one, whose answer was counted from the operator tokens in block 0; patching the last
+    variable's own token after block 0 restores only the counter."""
+    from legointerp.patching import flip_sign, normalised_metric, patch_resid_pre
+
+    scores = {}
+    for name in ("chain-follower", "counter-at-last"):
+        built = zoo.build(name)
+        n, d = built.task.config.n, 3
+        pair = flip_sign(built.task, fresh_batch(built.task, 8, seed=4), d)
+        exact = patch_resid_pre(built.model, pair, normalised_metric(built.model, pair))
+        start = pair.clean.clause_pos[0]
+        scores[name] = (float(exact[1, start[d]]), float(exact[1, start[n - 1]]))
+    assert scores["chain-follower"] == pytest.approx((1.0, 0.0), abs=0.01)
+    assert scores["counter-at-last"] == pytest.approx(((n - d - 1) / (n - d), 1 / (n - d)), abs=0.01)
