@@ -24,7 +24,7 @@ from plotly.offline import get_plotlyjs
 from legointerp.checkpoint import Checkpoint
 from legointerp.evaluate import accuracy_by_position
 from legointerp.files import atomic_write
-from legointerp.heads import HeadReport, attention_view_html, classify_heads
+from legointerp.heads import LABEL_THRESHOLD, HeadReport, attention_view_html, classify_heads
 from legointerp.patching import PatchingResult, patch
 from legointerp.plots import accuracy_figure, training_curves_figure
 from legointerp.probes import PercolationResult, percolation
@@ -33,7 +33,7 @@ from legointerp.task import LegoBatch, LegoTask
 from legointerp.train import TrainConfig
 
 TABLE_ROWS = 8  # the page shows the strongest rows; the sub-commands' --format csv give the full tables
-VIEW_KINDS = ("association", "manipulation", "broadcast")
+VIEW_KINDS = ("association", "manipulation", "chain step")
 ANALYSIS_STEPS = 6  # progress ticks of analyse: accuracy, heads, probes, patching, shortcut, attention views
 
 STYLE = """
@@ -231,11 +231,14 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
                      "short, and move together as the curriculum reaches them." if curriculum else "")
                 + figure_html(training_curves_figure(log, supervised), "training-curves")),
         Section("Attention heads",
-                read("Each head's attention mass by type (association: a variable to its other occurrence; manipulation: "
-                     "within its clause; broadcast: to BOS/EOS), compared with a head that attends uniformly; a head is "
-                     "labelled by the type it exceeds uniform most on, or mixed.",
-                     "The drop columns are the accuracy lost when the head is ablated: a label matters where its drop "
-                     "is large. Hover a cell of the map for all of a head's scores.")
+                read("Each head's attention by query role and kind of key (association: identical tokens; manipulation: "
+                     "the query's own clause; chain step: the clause defining the query's operand; operators: other "
+                     "clauses' signs; broadcast: BOS/EOS), as a lift over a head that attends uniformly. A head is "
+                     f"labelled with the kind it reaches a lift of {LABEL_THRESHOLD} on where that kind does its job; "
+                     "otherwise diffuse (flat) or structured.",
+                     "The drop columns are the accuracy lost at the worst chain depth when the head is ablated; the "
+                     "truncated drop runs only the blocks up to the head's, where later blocks cannot redo its step. "
+                     "Hover a cell of the map for all of a head's scores.")
                 + figure_html(heads.plot(), "heads") + frame_html(head_table)
                 + f"<p class='note'>Shown: {head_rows}; <code>legointerp heads --format csv</code> gives all of them.</p>"),
         Section("Attention patterns",
