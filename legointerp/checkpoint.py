@@ -67,7 +67,7 @@ class Checkpoint:
     def describe(self) -> str:
         """One line for people: what the model is and how it was made."""
         c = self.model_config
-        kind = "ALBERT-like (tied)" if c.tied else "BERT-like"
+        kind = ("ALBERT-like (tied)" if c.tied else "BERT-like") + (", post-LN" if getattr(c, "norm", "pre") == "post" else "")
         return (f"{kind} encoder, {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, on {self.task_config.group} "
                 f"with n={self.task_config.n}; made by `{self.command}`")
 

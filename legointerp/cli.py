@@ -85,6 +85,13 @@ _TRAIN_HELP = {
     "hardcoded": "per head, comma-separated: a fixed attention pattern computed from the tokens (association: identical "
                  "variables; manipulation: the query's own clause; broadcast: BOS/EOS) or - for a learned head, the "
                  "same in every layer (the paper's section 5), e.g. association,manipulation,-,-",
+    "norm": "LayerNorm placement: pre (before each sublayer, a final LayerNorm) or post (BERT/ALBERT: after each "
+            "residual add, an embedding LayerNorm, eps 1e-12)",
+    "d_embed": "ALBERT's factorised embedding width (e.g. 128), projected to d_model (needs --norm post)",
+    "surface": "legointerp (a=+1; b=-a) or official: the official code's 'a = val 1 , b = not a ,' as bert-base-uncased "
+               "reads it (task1 only, random root)",
+    "mimic": "the loss of the --mimic-steps: ours (association/manipulation, plus the task loss) or official (the "
+             "official code's: head 0 a band around itself, head 1 same token, KL, no task loss)",
 }
 
 

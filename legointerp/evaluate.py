@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from legointerp.model import ACT_FNS
 from legointerp.task import BOS, CLAUSE_LEN, EOS, LegoBatch, LegoError, LegoTask, Sentence
 
 
@@ -45,6 +46,8 @@ class Inference:
     def __init__(self, model):
         cfg = self.cfg = model.cfg
         self.fixed = cfg.fixed_heads
+        self.post = cfg.norm == "post"  # BERT's order: each LayerNorm after its residual add, none at the end
+        self.approximate = ACT_FNS[cfg.act_fn]
         self.blocks = []
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
@@ -56,7 +59,10 @@ class Inference:
                 mlp_in=(mlp.W_in.T.detach().contiguous(), mlp.b_in.detach()),
                 mlp_out=(mlp.W_out.T.detach().contiguous(), mlp.b_out.detach())))
         self.embedding = (model.embed.W_E.detach(), model.pos_embed.W_pos.detach())
-        self.ln_final = (model.ln_final.w.detach(), model.ln_final.b.detach())
+        self.ln_embed = (model.ln_embed.w.detach(), model.ln_embed.b.detach()) if self.post else None
+        self.embed_proj = ((model.embed_proj.W_proj.T.detach().contiguous(), model.embed_proj.b_proj.detach())
+                           if cfg.d_embed is not None else None)
+        self.ln_final = None if self.post else (model.ln_final.w.detach(), model.ln_final.b.detach())
         self.unembed = (model.unembed.W_U.T.detach().contiguous(), model.unembed.b_U.detach())
 
     def _norm(self, x, weights):
@@ -66,13 +72,21 @@ class Inference:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, P) ids -> (B, P, D) the residual stream entering block 0."""
         W_E, W_pos = self.embedding
-        return F.embedding(tokens, W_E) + W_pos[: tokens.shape[1]]
+        resid = F.embedding(tokens, W_E) + W_pos[: tokens.shape[1]]
+        if self.ln_embed is not None:
+            resid = self._norm(resid, self.ln_embed)
+        return resid if self.embed_proj is None else linear(resid, *self.embed_proj)
 
     @torch.no_grad()
     def mlp(self, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D): block ``layer``'s MLP added to its input (resid_mid -> resid_post)."""
         weights = self.blocks[layer]
-        hidden = linear(self._norm(resid_mid, weights["ln2"]), *weights["mlp_in"], gelu=True)
+        if self.post:
+            hidden = F.gelu(linear(resid_mid, *weights["mlp_in"]), approximate=self.approximate)
+            return self._norm(linear(hidden, *weights["mlp_out"], add=resid_mid), weights["ln2"])
+        hidden = linear(self._norm(resid_mid, weights["ln2"]), *weights["mlp_in"], gelu=self.approximate == "none")
+        if self.approximate != "none":
+            hidden = F.gelu(hidden, approximate=self.approximate)
         return linear(hidden, *weights["mlp_out"], add=resid_mid)
 
     @torch.no_grad()
@@ -81,7 +95,7 @@ class Inference:
         """(B, P, D) resid_pre -> (B, P, D) resid_post, or (B, R, D) at the positions ``queries`` (B, R) only;
         key_mask: (B, 1, 1, P) bool, True where a key may be attended."""
         weights, H = self.blocks[layer], self.cfg.n_heads
-        q, k, v = linear(self._norm(resid, weights["ln1"]), *weights["qkv"]).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(resid if self.post else self._norm(resid, weights["ln1"]), *weights["qkv"]).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
         if queries is not None:
             q = q.gather(2, queries[:, None, :, None].expand(-1, H, -1, q.shape[-1]))
             resid = resid.gather(1, queries[..., None].expand(-1, -1, resid.shape[-1]))
@@ -90,7 +104,8 @@ class Inference:
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, P or R, E)
         if patterns is not None:  # a hardcoded head's q and k are zero: its SDPA output is replaced, not used
             z[:, self.fixed] = patterns.to(v.dtype) @ v[:, self.fixed]
-        return self.mlp(layer, linear(z.transpose(1, 2).flatten(2), *weights["out"], add=resid))
+        resid = linear(z.transpose(1, 2).flatten(2), *weights["out"], add=resid)
+        return self.mlp(layer, self._norm(resid, weights["ln1"]) if self.post else resid)
 
     @torch.no_grad()
     def run(self, resid: torch.Tensor, readout: torch.Tensor, start: int = 0, key_mask: torch.Tensor | None = None,
@@ -103,7 +118,7 @@ class Inference:
             resid = self.block(L - 1, resid, key_mask, queries=readout, patterns=patterns)
         else:
             resid = resid.gather(1, readout[..., None].expand(-1, -1, resid.shape[-1]))
-        return linear(self._norm(resid, self.ln_final), *self.unembed)
+        return linear(resid if self.post else self._norm(resid, self.ln_final), *self.unembed)
 
 
 @torch.no_grad()

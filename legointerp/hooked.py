@@ -2,8 +2,8 @@
 
 ``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, cache
 helpers and stacked weights, and the analyses run on it (it is ~1.5x faster than the bridge).
-``to_bridge`` exports any model without hardcoded heads (whose fixed patterns the bridge cannot hold; it
-refuses those) to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
+``to_bridge`` exports any pre-LN model without hardcoded heads (the bridge holds neither fixed patterns nor
+post-LN blocks; it refuses those) to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
 the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that
 all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
 one): ``model.to_tokens`` makes its input.
@@ -56,9 +56,13 @@ def to_bridge(model: LegoTransformer) -> TransformerBridge:
         raise LegoInterpError(f"this model has hardcoded attention heads ({','.join(k or '-' for k in cfg.hardcoded)}), "
                               "whose fixed patterns a TransformerBridge cannot hold: analyse the model itself, which is a "
                               "TransformerLens HookedRootModule (run_with_cache, run_with_hooks and every command work on it)")
+    if cfg.norm == "post":
+        raise LegoInterpError("this is a post-LN (BERT/ALBERT) model, and a native TransformerBridge of transformer-lens 4.3 "
+                              "has pre-LN blocks only (its BERT adapter needs a Hugging Face model, and it has no ALBERT one), "
+                              "so it cannot hold it exactly: analyse the model itself, a TransformerLens HookedRootModule")
     bridge_config = TransformerBridgeConfig(
         d_model=cfg.d_model, d_head=cfg.d_head, n_layers=cfg.n_layers, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads,
-        d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, act_fn="gelu", eps=cfg.eps,
+        d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, act_fn=cfg.act_fn, eps=cfg.eps,
         normalization_type="LN", attention_dir="bidirectional", tokenizer_prepends_bos=False,
     )
     device = next(model.parameters()).device

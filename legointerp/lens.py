@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from legointerp.evaluate import clause_logits
-from legointerp.model import affine
+from legointerp.model import affine, require_pre_ln
 from legointerp.probes import residual_sites
 from legointerp.task import LegoBatch
 
@@ -89,6 +89,7 @@ class LogitLensResult:
 def logit_lens(model, batch: LegoBatch) -> LogitLensResult:
     """The residual stream after every layer at each chain position's readout token, decoded by the model's own
     ``ln_final`` and unembedding; accuracy and logit difference per (layer, depth)."""
+    require_pre_ln(model.cfg, "the logit lens")
     sites = residual_sites(model.cfg.n_layers)
     _, kept = readout_activations(model, batch, sites)
     resid = torch.stack([kept[site] for site in sites])  # (n_layers + 1, B, n, D)
@@ -152,6 +153,7 @@ class LogitAttribution:
 def direct_logit_attribution(model, batch: LegoBatch) -> LogitAttribution:
     """Each component's direct contribution to every answer's logit difference, ``ln_final``'s scale frozen."""
     cfg = model.cfg
+    require_pre_ln(cfg, "direct logit attribution")
     layers = range(cfg.n_layers)
     names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale", *(f"blocks.{l}.attn.hook_z" for l in layers),
              *(f"blocks.{l}.hook_mlp_out" for l in layers)]

@@ -1,4 +1,4 @@
-"""A bidirectional pre-LN transformer encoder for LEGO, BERT-like or ALBERT-like (weight-tied).
+"""A bidirectional transformer encoder for LEGO, BERT-like or ALBERT-like (weight-tied), pre-LN or post-LN.
 
 Read top to bottom: config, embeddings, attention, MLP, block, model.  Parameters are shaped and
 named as in TransformerLens (``W_Q: (n_heads, d_model, d_head)``, ``blocks.{l}.attn.W_O``, ...) and
@@ -21,6 +21,19 @@ stay zero and get no gradient, no ``QK^T``, no softmax) and learn only their val
 ``hook_pattern`` fires with every head's pattern, fixed ones included, so every analysis sees it;
 ``hook_q``/``hook_k``/``hook_attn_scores`` hold zeros for the fixed heads.  :func:`forward_flops`
 counts what this saves.
+
+*Post-LN* (``ModelConfig.norm="post"``), as BERT and ALBERT are (``legointerp.hf`` copies their weights in, and
+the tests check the hidden states equal ``transformers``' to 1e-5): token + position embeddings, then a LayerNorm
+(``ln_embed``), then for ALBERT's factorised embedding (``d_embed``) the ``embed_proj`` map to ``d_model``; each
+block adds attention to its input and normalises (``ln1``), adds the MLP and normalises (``ln2``); there is no
+``ln_final``.  The hooks hold the stream each reader actually receives: ``hook_resid_mid`` is *after* ``ln1``
+(what the MLP reads and adds to) and ``hook_resid_post`` *after* ``ln2``, so ``blocks.{l}.hook_resid_post`` equals
+``blocks.{l+1}.hook_resid_pre`` as in a pre-LN model, and probes and patching of ``resid_pre``/``resid_post`` read
+and write what the next block sees.  The sums before the LayerNorms are at ``hook_resid_mid_unnormalized`` and
+``hook_resid_post_unnormalized`` (TransformerLens's old HookedEncoder called the latter ``hook_resid_post`` and the
+normalised one ``hook_normalized_resid_post``).  A post-LN residual stream is not a sum of component writes, so
+TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stack``) do not describe it;
+``cfg.normalization_type`` is None there, as no LayerNorm sits between the last block and the unembedding.
 """
 
 from __future__ import annotations
@@ -48,8 +61,20 @@ HARDCODED = {
 }
 
 
+NORMS = ("pre", "post")  # where each block's LayerNorms sit: before each sublayer (GPT-2) or after each residual add (BERT)
+ACT_FNS = {"gelu": "none", "gelu_new": "tanh"}  # transformers' names -> F.gelu's approximate: BERT's exact erf, ALBERT's tanh
+
+
 class ConfigError(LegoInterpError):
     """An impossible model or training configuration."""
+
+
+def require_pre_ln(cfg, analysis: str) -> None:
+    """Refuse ``analysis`` on a post-LN model: its residual stream is renormalised after every sublayer, so it is no
+    sum of component writes and there is no final LayerNorm to read it through."""
+    if getattr(cfg, "norm", "pre") == "post":
+        raise ConfigError(f"{analysis} needs a pre-LN model (a residual stream that is a sum of writes); this one is "
+                          "post-LN: use the probes, head classifier or residual-stream patching instead")
 
 
 @dataclass
@@ -63,20 +88,32 @@ class ModelConfig:
     d_mlp: int = 512
     tied: bool = False  # ALBERT-like: one block applied n_layers times
     min_depth: int | None = None  # stochastic depth (tied only): train depth ~ U[min_depth, n_layers]
-    eps: float = 1e-5
+    eps: float | None = None  # LayerNorm epsilon; None: 1e-5 pre-LN, BERT's 1e-12 post-LN
     init_range: float = 0.02
     hardcoded: tuple[str | None, ...] = ()  # per head index, in every layer: a name in HARDCODED, or None (learned)
     variable_offset: int | None = None  # first variable token id (every id from it up): association's queries
+    norm: str = "pre"  # "pre" (LayerNorm before each sublayer, a final one) or "post" (BERT: after each residual add)
+    d_embed: int | None = None  # ALBERT's factorised embedding width (post-LN only), projected to d_model; None: d_model
+    act_fn: str = "gelu"  # the MLP's: "gelu" (exact erf, BERT's) or "gelu_new" (tanh approximation, ALBERT's default)
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
-    normalization_type: ClassVar[str] = "LN"
     attn_only: ClassVar[bool] = False
-    act_fn: ClassVar[str] = "gelu"
     positional_embedding_type: ClassVar[str] = "standard"
     attention_dir: ClassVar[str] = "bidirectional"
 
     def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm={self.norm!r} is not a LayerNorm placement: use pre (GPT-2-like) or post (BERT/ALBERT)")
+        if self.act_fn not in ACT_FNS:
+            raise ConfigError(f"act_fn={self.act_fn!r} is not supported: use {' or '.join(ACT_FNS)}")
+        if self.d_embed is not None:
+            if self.norm != "post":
+                raise ConfigError("a factorised embedding (d_embed) is ALBERT's, a post-LN model: add --norm post or drop --d-embed")
+            if self.d_embed < 1:
+                raise ConfigError(f"d_embed={self.d_embed} must be a positive integer")
+        if self.eps is None:
+            self.eps = 1e-5 if self.norm == "pre" else 1e-12
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: pick a width that is a multiple of the head count")
         if min(self.d_vocab, self.d_vocab_out, self.n_ctx, self.d_model, self.n_heads, self.n_layers, self.d_mlp) < 1:
@@ -105,6 +142,12 @@ class ModelConfig:
         return [h for h, kind in enumerate(self.hardcoded) if kind is not None]
 
     @property
+    def normalization_type(self) -> str | None:
+        """What TransformerLens's cache helpers read: the LayerNorm between the last residual stream and the
+        unembedding ("LN" pre-LN, None post-LN, whose last stream is already normalised)."""
+        return "LN" if self.norm == "pre" else None
+
+    @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
@@ -116,14 +159,15 @@ def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
     """Forward FLOPs of one sentence of ``n_tokens`` tokens (default ``n_ctx``), from the shapes alone: two per
     multiply-add of every matrix product (what ``torch.utils.flop_counter.FlopCounterMode`` counts).  Per layer:
     the q/k/v projection (q and k for the learned heads only), ``QK^T`` for the learned heads, the pattern times v
-    and the output map for every head, the MLP; then the unembedding.  A hardcoded head saves its q/k projection
-    and ``QK^T`` (its pattern is built from token comparisons, which are not FLOPs); softmax, LayerNorm and GELU
-    are elementwise and not counted."""
+    and the output map for every head, the MLP; then the unembedding (and before the blocks, ALBERT's embedding
+    projection).  A hardcoded head saves its q/k projection and ``QK^T`` (its pattern is built from token
+    comparisons, which are not FLOPs); softmax, LayerNorm and GELU are elementwise and not counted."""
     T = cfg.n_ctx if n_tokens is None else n_tokens
     D, E, H, M = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp
     learned = H - len(cfg.fixed_heads)
     layer = 2 * T * D * E * (2 * learned + H) + 2 * T * T * E * (learned + H) + 2 * T * D * D + 4 * T * D * M
-    return cfg.n_layers * layer + 2 * T * D * cfg.d_vocab_out
+    projection = 2 * T * cfg.d_embed * D if cfg.d_embed is not None else 0
+    return cfg.n_layers * layer + 2 * T * D * cfg.d_vocab_out + projection
 
 
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -141,11 +185,11 @@ def _hooked(*points: HookPoint) -> bool:
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
         self.eps = cfg.eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+        self.w = nn.Parameter(torch.ones(width or cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(width or cfg.d_model))
         self.hook_scale = HookPoint()  # (B, P, 1): the divisor, which apply_ln_to_stack freezes
         self.hook_normalized = HookPoint()  # (B, P, D) before the affine map
 
@@ -235,10 +279,11 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # (B, P, d_mlp)
+        self.approximate = ACT_FNS[cfg.act_fn]
 
     def forward(self, x):
         pre = self.hook_pre(affine(x, self.W_in, self.b_in))
-        return affine(self.hook_post(F.gelu(pre)), self.W_out, self.b_out)
+        return affine(self.hook_post(F.gelu(pre, approximate=self.approximate)), self.W_out, self.b_out)
 
 
 class Block(nn.Module):
@@ -247,9 +292,16 @@ class Block(nn.Module):
         self.ln1, self.attn, self.ln2, self.mlp = LayerNorm(cfg), Attention(cfg), LayerNorm(cfg), MLP(cfg)
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+        self.post = cfg.norm == "post"
+        if self.post:  # (B, P, D) the residual sums before ln1 / ln2; hook_resid_mid / hook_resid_post are after them
+            self.hook_resid_mid_unnormalized, self.hook_resid_post_unnormalized = HookPoint(), HookPoint()
 
     def forward(self, resid, key_mask, fixed_pattern=None):
         resid = self.hook_resid_pre(resid)
+        if self.post:
+            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern))
+            resid = self.hook_resid_mid(self.ln1(self.hook_resid_mid_unnormalized(resid + attn_out)))
+            return self.hook_resid_post(self.ln2(self.hook_resid_post_unnormalized(resid + self.hook_mlp_out(self.mlp(resid)))))
         resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_mask, fixed_pattern)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
@@ -260,13 +312,21 @@ class LegoTransformer(HookedRootModule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        d_embed = cfg.d_embed or cfg.d_model
         self.embed = nn.Module()
-        self.embed.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.embed.W_E = nn.Parameter(torch.empty(cfg.d_vocab, d_embed))
         self.pos_embed = nn.Module()
-        self.pos_embed.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.pos_embed.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, d_embed))
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        if cfg.norm == "post":
+            self.ln_embed = LayerNorm(cfg, d_embed)
+        if cfg.d_embed is not None:  # ALBERT: (d_embed,) -> (d_model,) after the embedding LayerNorm
+            self.embed_proj = nn.Module()
+            self.embed_proj.W_proj = nn.Parameter(torch.empty(cfg.d_embed, cfg.d_model))
+            self.embed_proj.b_proj = nn.Parameter(torch.zeros(cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg)
+        if cfg.norm == "pre":
+            self.ln_final = LayerNorm(cfg)
         self.unembed = nn.Module()
         self.unembed.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
         self.unembed.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))
@@ -315,12 +375,18 @@ class LegoTransformer(HookedRootModule):
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)
             # a broadcast view, so the hook sees TransformerLens's (B, P, D) and decompose_resid can stack it with embed
             resid = embed + self.hook_pos_embed(self.pos_embed.W_pos[:P].expand_as(embed))
+            if self.cfg.norm == "post":
+                resid = self.ln_embed(resid)
+            if self.cfg.d_embed is not None:
+                resid = affine(resid, self.embed_proj.W_proj, self.embed_proj.b_proj)
         else:
             resid = tokens
         fixed_pattern = self.fixed_patterns(source_tokens)
         for block in self.blocks[start_at_layer or 0: n_layers or self.cfg.n_layers]:
             resid = block(resid, key_mask, fixed_pattern)
-        return affine(self.ln_final(resid), self.unembed.W_U, self.unembed.b_U)
+        if self.cfg.norm == "pre":
+            resid = self.ln_final(resid)
+        return affine(resid, self.unembed.W_U, self.unembed.b_U)
 
     def fixed_patterns(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
         """(B, H_fixed, P, P) the hardcoded heads' attention from (B, P) token ids, in head order: each ``HARDCODED``
@@ -361,8 +427,8 @@ class LegoTransformer(HookedRootModule):
     b_in = property(lambda self: self._stacked("mlp.b_in"), doc="(n_layers, d_mlp)")
     W_out = property(lambda self: self._stacked("mlp.W_out"), doc="(n_layers, d_mlp, d_model)")
     b_out = property(lambda self: self._stacked("mlp.b_out"), doc="(n_layers, d_model)")
-    W_E = property(lambda self: self.embed.W_E, doc="(d_vocab, d_model)")
-    W_pos = property(lambda self: self.pos_embed.W_pos, doc="(n_ctx, d_model)")
+    W_E = property(lambda self: self.embed.W_E, doc="(d_vocab, d_embed or d_model)")
+    W_pos = property(lambda self: self.pos_embed.W_pos, doc="(n_ctx, d_embed or d_model)")
     W_U = property(lambda self: self.unembed.W_U, doc="(d_model, d_vocab_out): one column per value class")
     b_U = property(lambda self: self.unembed.b_U, doc="(d_vocab_out,)")
     QK = property(lambda self: FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1)), doc="(n_layers, n_heads, d_model, d_model)")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from legointerp.model import HARDCODED, ConfigError
-from legointerp.task import LegoTask
+from legointerp.model import HARDCODED, NORMS, ConfigError
+from legointerp.task import SURFACES, LegoTask
 
 MAX_SAMPLES = 100_000  # sentences per analysis or batch; beyond this a CPU run takes hours and GBs
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; the data stream's step seeds are taken mod 2**63
@@ -131,6 +131,23 @@ class HardcodedHeads:
         return kinds
 
 
+@dataclass(frozen=True)
+class Choice:
+    """argparse ``type`` and Python check for an option with a few named values (``--norm pre|post``)."""
+
+    values: tuple[str, ...]
+    __name__ = "choice"
+
+    def check(self, name: str, value) -> None:
+        if value not in self.values:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(self.values)}")
+
+    def __call__(self, text: str) -> str:
+        if text not in self.values:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(self.values)}")
+        return text
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` -> cuda when a GPU is visible, else cpu; raises :class:`ConfigError` for a device that is not here."""
     if isinstance(name, torch.device):
@@ -149,6 +166,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- training
+# ours: association/manipulation targets added to the task loss; official: the official code's band and same-token
+# targets by KL, with no task loss while they train (train.official_mimicking_loss)
+MIMICKING = ("ours", "official")
 # TrainConfig's numeric fields, device and hardcoded heads; group, n and supervision are checked by the task that uses them
 TRAIN_OPTIONS = {
     "n": COUNT, "n_tr": COUNT, "min_length": COUNT, "curriculum_start": COUNT, "curriculum_threshold": FRACTION,
@@ -156,8 +176,10 @@ TRAIN_OPTIONS = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE_REAL, "warmup": NON_NEGATIVE, "decay": PROPORTION,
     "batch_size": SAMPLES, "steps": COUNT, "mimic_steps": NON_NEGATIVE, "target_accuracy": FRACTION, "seed": SEED,
     "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "hardcoded": HardcodedHeads(),
+    "norm": Choice(NORMS), "d_embed": COUNT,
+    "surface": Choice(SURFACES), "mimic": Choice(MIMICKING),
 }
-OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy"}  # None means "not used"
+OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy", "d_embed"}  # None means "not used"
 
 
 def check_train_config(config) -> None:
@@ -175,6 +197,9 @@ def check_train_config(config) -> None:
     if config.curriculum and not config.curriculum_start <= n:
         raise ConfigError(f"curriculum_start={config.curriculum_start} must lie in 1..n={n}: lower --curriculum-start "
                           "or train without the curriculum (--no-curriculum)")
+    if config.mimic != "ours" and not config.mimic_steps:
+        raise ConfigError(f"mimic={config.mimic!r} picks the loss of the first --mimic-steps steps, but mimic_steps=0: "
+                          "give --mimic-steps N (the official code mimics, then fine-tunes)")
     if config.mimic_steps and config.n_heads < 2:
         raise ConfigError(f"the mimicking loss trains heads 0 and 1 but n_heads={config.n_heads}: use --n-heads 2 or "
                           "more, or --mimic-steps 0")

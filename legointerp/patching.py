@@ -27,6 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from legointerp.evaluate import Inference, clause_logits
+from legointerp.model import require_pre_ln
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, C) -> scalar
@@ -157,6 +158,7 @@ def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 102
     Patching head h's z at (layer l, position p) changes block l's output only at p, by the head's write
     ``(z_clean - z_corrupted) @ W_O[h]`` and the MLP's answer to it there: so that position's residual stream is
     formed directly and the run starts at block l + 1 (for the last layer, only the read-out remains)."""
+    require_pre_ln(model.cfg, "head patching")
     clean, corrupted = _caches(model, pair, ("attn.hook_z", "hook_resid_mid", "hook_resid_post"))
     engine, readout, patterns = Inference(model), pair.clean.clause_pos, model.fixed_patterns(pair.corrupted.tokens)
     L, H = model.cfg.n_layers, model.cfg.n_heads

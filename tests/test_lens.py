@@ -80,3 +80,15 @@ def test_frames_and_figures_skip_depths_no_sentence_reaches(task):
     assert frame.groupby("depth")["attribution"].sum()[:5].to_numpy() == pytest.approx(
         frame.groupby("depth")["logit_difference"].first()[:5].to_numpy(), abs=1e-4)
     assert len(attribution.plot().data) == 1 and len(logit_lens(model, batch).plot().data) == 1
+
+
+def test_post_ln_models_are_refused_with_one_clear_line(task):
+    from legointerp.model import ConfigError
+    from legointerp.patching import flip_sign, normalised_metric, patch_head_z
+
+    model = small_model(task, norm="post", n_layers=2)
+    batch = task.sample(8, torch.Generator().manual_seed(0))
+    for analysis in (lambda: logit_lens(model, batch), lambda: direct_logit_attribution(model, batch),
+                     lambda: patch_head_z(model, pair := flip_sign(task, batch, 1), normalised_metric(model, pair))):
+        with pytest.raises(ConfigError, match="needs a pre-LN model"):
+            analysis()

@@ -6,7 +6,8 @@ from legointerp.checkpoint import Checkpoint, load_checkpoint, load_model, save_
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import clause_logits, test_batch as fresh_sentences
 from legointerp.hooked import to_bridge
-from legointerp.model import ConfigError, ModelConfig, affine, forward_flops
+from legointerp.hf import from_hf_state_dict, hf_model_config
+from legointerp.model import ConfigError, LegoTransformer, ModelConfig, affine, forward_flops
 from legointerp.options import HardcodedHeads
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
 from legointerp.task import PAD, LegoTask, TaskConfig
@@ -187,11 +188,11 @@ def test_hardcoded_model_round_trips_and_older_checkpoints_still_load(task, tmp_
     learned = small_model(task)
     old = save_checkpoint(Checkpoint(learned.cfg, task.config, learned.state_dict()), tmp_path / "old.pt")
     payload = torch.load(old, weights_only=True)
-    for name in ("hardcoded", "variable_offset"):
+    for name in ("hardcoded", "variable_offset", "norm", "d_embed", "act_fn"):
         del payload["model_config"][name]
     torch.save(payload, old)
     loaded, _, _ = load_model(old)
-    assert loaded.cfg.hardcoded == () and torch.equal(loaded(tokens), learned(tokens))
+    assert loaded.cfg.hardcoded == () and loaded.cfg.norm == "pre" and torch.equal(loaded(tokens), learned(tokens))
 
 
 @pytest.mark.parametrize("hardcoded", [(), ("association", "manipulation", None, None), ("manipulation",) * 4])
@@ -254,3 +255,124 @@ def test_training_with_association_and_manipulation_fixed_learns_the_first_step(
         accuracy = (clause_logits(trainer.model(batch.tokens), batch).argmax(-1) == batch.values).float().mean(0)
     assert accuracy[0] > 0.9 and logged[0] > 0.9  # chance: 0.5
     assert load_checkpoint(tmp_path / "hard.pt").model_config.hardcoded == config.hardcoded
+
+
+# ---------------------------------------------------------------------------- post-LN, as BERT and ALBERT (issue 11)
+def hf_twin(task, albert: bool, seed: int = 0):
+    """A small random transformers BertModel / AlbertModel on the task's vocabulary, every parameter (LayerNorms and
+    biases included) away from its initial value so that a mis-mapped one shows; and our model with its weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=task.d_vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=task.n_ctx + 8, attn_implementation="eager")
+    source = (transformers.AlbertModel(transformers.AlbertConfig(embedding_size=16, **sizes)) if albert
+              else transformers.BertModel(transformers.BertConfig(**sizes))).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cfg = hf_model_config(source.state_dict(), n_heads=4, d_vocab_out=task.n_classes, n_ctx=task.n_ctx,
+                          n_layers=3 if albert else None)
+    model = LegoTransformer(cfg).eval()
+    model.load_state_dict({**from_hf_state_dict(source.state_dict(), cfg), "unembed.W_U": model.unembed.W_U,
+                           "unembed.b_U": model.unembed.b_U})
+    return source, model
+
+
+@pytest.mark.parametrize("albert", [False, True])
+def test_post_ln_hidden_states_equal_transformers(task, albert):
+    source, model = hf_twin(task, albert)
+    assert model.cfg.tied == albert and model.cfg.eps == 1e-12
+    assert model.cfg.act_fn == ("gelu_new" if albert else "gelu") and (model.cfg.d_embed == 16) == albert
+    batch = task.sample(6, torch.Generator().manual_seed(0), min_length=2)  # padded rows too
+    mask = batch.attention_mask
+    with torch.no_grad():
+        expected = source(batch.tokens, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+    _, cache = model.run_with_cache(batch.tokens, mask)
+    ours = [cache["resid_pre", 0]] + [cache["resid_post", layer] for layer in range(3)]
+    assert len(expected) == len(ours) == 4
+    for layer, (theirs, mine) in enumerate(zip(expected, ours)):
+        assert (theirs - mine)[mask].abs().max() <= 1e-5, layer
+
+
+@pytest.mark.parametrize("albert", [False, True])
+def test_hf_weights_load_under_any_prefix_and_missing_facts_are_asked_for(task, albert):
+    source, model = hf_twin(task, albert)
+    prefixed = {"module.base." + k: v for k, v in source.state_dict().items()}
+    mapped = from_hf_state_dict(prefixed, model.cfg)
+    assert all(torch.equal(mapped[k], v) for k, v in model.state_dict().items() if not k.startswith("unembed."))
+    if albert:
+        with pytest.raises(LegoInterpError, match="n_layers"):
+            hf_model_config(prefixed, n_heads=4, d_vocab_out=2)
+    with pytest.raises(LegoInterpError, match="n_ctx"):
+        from_hf_state_dict(prefixed, ModelConfig(**{**model.cfg.to_dict(), "n_ctx": task.n_ctx + 9}))
+    with pytest.raises(LegoInterpError, match="one"):
+        from_hf_state_dict({**prefixed, **source.state_dict()}, model.cfg)
+
+
+def test_post_ln_hooks_hold_what_the_next_reader_receives(task):
+    model = small_model(task, norm="post", tied=True, d_embed=16)
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    logits, cache = model.run_with_cache(batch.tokens)
+    for layer in range(3):
+        block = model.blocks[layer]
+        mid, post = cache["resid_mid", layer], cache["resid_post", layer]
+        assert torch.allclose(mid, block.ln1(cache["resid_pre", layer] + cache["attn_out", layer]), atol=1e-6)
+        assert torch.allclose(mid, block.ln1(cache[f"blocks.{layer}.hook_resid_mid_unnormalized"]), atol=1e-6)
+        assert torch.allclose(post, block.ln2(cache[f"blocks.{layer}.hook_resid_post_unnormalized"]), atol=1e-6)
+        # an untrained LayerNorm is the identity affine map, so a normalised stream has zero mean and unit variance
+        assert torch.allclose(post.mean(-1), torch.zeros(post.shape[:-1]), atol=1e-5)
+        assert torch.allclose(post.var(-1, unbiased=False), torch.ones(post.shape[:-1]), atol=1e-4)
+        if layer < 2:
+            assert torch.equal(post, cache["resid_pre", layer + 1])
+        assert torch.allclose(model(cache["resid_pre", layer], start_at_layer=layer), logits, atol=1e-5)
+    assert torch.allclose(logits, affine(cache["resid_post", 2], model.W_U, model.b_U), atol=1e-6)  # no final LayerNorm
+    assert not hasattr(model, "ln_final") and model.cfg.normalization_type is None
+    assert model.W_E.shape == (task.d_vocab, 16) and cache["resid_pre", 0].shape[-1] == 32
+
+
+def test_post_ln_model_round_trips_and_is_refused_by_the_bridge(task, tmp_path):
+    model = small_model(task, norm="post", tied=True, d_embed=16)
+    tokens = task.sample(3, torch.Generator().manual_seed(0)).tokens
+    path = save_checkpoint(Checkpoint(model.cfg, task.config, model.state_dict()), tmp_path / "post.pt")
+    loaded, _, _ = load_model(path)
+    assert loaded.cfg == model.cfg and loaded.cfg.norm == "post" and torch.equal(loaded(tokens), model(tokens))
+    pre = small_model(task)
+    assert forward_flops(model.cfg) - forward_flops(pre.cfg) == 2 * task.n_ctx * 16 * 32  # only the embedding projection
+    with pytest.raises(LegoInterpError, match="post-LN"):
+        to_bridge(model)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(norm="sandwich"), "norm='sandwich'"),
+    (dict(d_embed=16), "--norm post"),
+    (dict(act_fn="relu"), "act_fn='relu'"),
+])
+def test_impossible_post_ln_configs(overrides, problem):
+    config = dict(d_vocab=10, d_vocab_out=2, n_ctx=12, d_model=32, n_heads=4, n_layers=3, d_mlp=64)
+    with pytest.raises(ConfigError, match=problem):
+        ModelConfig(**{**config, **overrides})
+
+
+def test_heads_and_probes_run_on_a_post_ln_model(task):
+    from legointerp.heads import classify_heads
+    from legointerp.probes import percolation
+
+    model = small_model(task, norm="post", tied=True, d_embed=16, n_layers=2)
+    batch = task.sample(24, torch.Generator().manual_seed(0))
+    report = classify_heads(model, batch, task)
+    assert len(report.scores) == 2 * model.cfg.n_heads and report.scores["mean_drop"].notna().all()
+    result = percolation(model, batch, task, control=False)
+    assert result.accuracy.shape[0] == 3  # the embeddings and each block's (normalised) resid_post
+
+
+def test_post_ln_trains_from_the_command_line(tmp_path, capsys, one_thread):
+    from legointerp.cli import main
+
+    assert main(["train", "--norm", "sideways", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "'sideways' is not one of pre, post" in capsys.readouterr().err
+    out = tmp_path / "post.pt"
+    assert main(["train", "--norm", "post", "--d-embed", "16", "--length", "6", "--d-model", "32", "--n-layers", "2",
+                 "--d-mlp", "64", "--steps", "3", "--warmup", "1", "--batch-size", "8", "--eval-every", "3",
+                 "--eval-size", "16", "--mimic-steps", "0", "--no-curriculum", "--out", str(out), "--quiet"]) == 0
+    model, _, checkpoint = load_model(out)
+    assert model.cfg.norm == "post" and model.cfg.d_embed == 16 and model.cfg.tied and len(checkpoint.accuracy) == 6
