@@ -6,13 +6,16 @@ wrapped in BOS/EOS (the paper's [CLS]/[SEP]), so clause slot ``s`` starts at
 position ``1 + 5 s``.  Everything the analyses need (where each clause starts, its
 depth, the value of every variable, where its operand sits) comes with the batch,
 indexed by *chain position* k (k = 0 is the clause reading the root literal).
+
+The *official* surface is the one of the paper's code (github yizhangzzz/transformers-lego, ``lego_data.py``):
+``a = val 1 , b = not a , ...`` read by bert-base-uncased, five tokens a clause as here, 62 tokens at n = 12.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -23,6 +26,13 @@ CLAUSE_LEN = 5
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]")
 PAD, BOS, EOS = 0, 1, 2
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SURFACES = ("legointerp", "official")
+# bert-base-uncased's word-piece id of every token the official generator writes.  Token ids inside legointerp stay
+# compact (the official vocabulary laid out as the legointerp one, so every analysis reads both alike);
+# LegoTask.wordpiece_ids maps them onto these, e.g. to gather the rows of a BERT word embedding.
+OFFICIAL_SPECIALS = ("[PAD]", "[CLS]", "[SEP]")
+WORDPIECE_IDS = {"[PAD]": 0, "[CLS]": 101, "[SEP]": 102, ",": 1010, "=": 1027, "0": 1014, "1": 1015, "not": 2025,
+                 "val": 11748, **{c: 1037 + i for i, c in enumerate(string.ascii_lowercase)}}
 
 
 class LegoError(LegoInterpError):
@@ -33,18 +43,32 @@ class LegoError(LegoInterpError):
 class TaskConfig:
     """What sentences look like. ``equals``/``separator``/``op_symbols`` only change the surface text
     (the paper's control that replaces ``=``, ``+``, ``-`` by arbitrary tokens); ``heldout_alphabet``
-    names variables never used in training (unseen-symbol generalisation)."""
+    names variables never used in training (unseen-symbol generalisation).
+
+    ``surface="official"`` writes the official code's sentences, ``a = val 1 , b = not a ,`` (Task 1 only, its
+    symbols fixed).  There, ``heldout_alphabet`` defaults to none (bert-base-uncased lower-cases, so upper-case
+    names would read as the training ones) and ``random_root`` to True (the official root is ``val 0`` or ``val 1``)."""
 
     group: str = "task1"
     n: int = 12
     alphabet: str = string.ascii_lowercase
-    heldout_alphabet: str = string.ascii_uppercase
-    random_root: bool = False  # the paper fixes the root to the identity literal (a=+1)
+    heldout_alphabet: str | None = None  # None: upper-case letters (official surface: none)
+    random_root: bool | None = None  # None: the surface's own (legointerp: the paper's a=+1 root; official: random)
     equals: str = "="
     separator: str = ";"
     op_symbols: tuple[str, ...] = ()
+    surface: str = "legointerp"
 
     def __post_init__(self):
+        if self.surface not in SURFACES:
+            raise LegoError(f"unknown surface {self.surface!r}: use {' or '.join(SURFACES)}")
+        official = self.surface == "official"
+        if self.heldout_alphabet is None:  # frozen: the defaults are resolved once, here
+            object.__setattr__(self, "heldout_alphabet", "" if official else string.ascii_uppercase)
+        if self.random_root is None:
+            object.__setattr__(self, "random_root", official)
+        if official:
+            self._check_official()
         make_group(self.group)
         for name, letters in (("alphabet", self.alphabet), ("heldout_alphabet", self.heldout_alphabet)):
             if len(set(letters)) != len(letters) or not all(VARIABLE_NAME.fullmatch(c) for c in letters):
@@ -55,6 +79,19 @@ class TaskConfig:
             raise LegoError(f"n={self.n} clauses need n distinct variable names: choose 1 <= n <= {len(self.alphabet)}")
         if len({self.equals, self.separator, *self.op_symbols}) != 2 + len(self.op_symbols):
             raise LegoError("equals, separator and op_symbols must all be different strings")
+
+    def _check_official(self) -> None:
+        if make_group(self.group).name != "s2":
+            raise LegoError(f"the official surface writes Task 1 only (val/not on 0/1), not group {self.group!r}: "
+                            "use group task1 or the legointerp surface")
+        if (self.equals, self.separator, self.op_symbols) != ("=", ";", ()):
+            raise LegoError("the official surface fixes its symbols ('=', ',', val, not): leave equals, separator and "
+                            "op_symbols at their defaults, or use the legointerp surface")
+        names = self.alphabet + self.heldout_alphabet
+        if not set(names) <= set(string.ascii_lowercase):
+            raise LegoError(f"variable names {names!r} are not all lower-case letters a-z, the only names "
+                            "bert-base-uncased keeps apart on the official surface: hold out lower-case letters "
+                            "missing from alphabet (heldout_alphabet='' holds out none)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,11 +152,16 @@ class LegoTask:
     def __init__(self, config: TaskConfig = TaskConfig()):
         self.config = config
         self.group: Group = make_group(config.group)
+        self.official = config.surface == "official"
+        if self.official:  # S2 as the official code spells it: literal index = truth value, op 0 (val) keeps it
+            self.group = replace(self.group, op_names=("val", "not"), literal_names=("0", "1"))
         if config.op_symbols and len(config.op_symbols) != self.group.n_ops:
             raise LegoError(f"op_symbols needs {self.group.n_ops} symbols for group {config.group}, got {len(config.op_symbols)}")
         self.op_names = config.op_symbols or self.group.op_names
+        self.specials = OFFICIAL_SPECIALS if self.official else SPECIALS
+        self.equals, self.separator = config.equals, ("," if self.official else config.separator)
         self.vocab: list[str] = [
-            *SPECIALS, config.equals, config.separator, *self.op_names, *self.group.literal_names,
+            *self.specials, self.equals, self.separator, *self.op_names, *self.group.literal_names,
             *config.alphabet, *config.heldout_alphabet,
         ]
         self.equals_id, self.separator_id = 3, 4
@@ -133,6 +175,25 @@ class LegoTask:
     @property
     def d_vocab(self) -> int:
         return len(self.vocab)
+
+    @property
+    def wordpiece_ids(self) -> torch.Tensor:
+        """(d_vocab,) bert-base-uncased id of each token id (official surface only): a BERT word embedding ``E``
+        becomes this vocabulary's as ``E[task.wordpiece_ids]``, and ``wordpiece_ids[tokens]`` is what the
+        official code feeds its model."""
+        if not self.official:
+            raise LegoError("word-piece ids exist on the official surface only: use TaskConfig(surface='official')")
+        return torch.tensor([WORDPIECE_IDS[name] for name in self.vocab])
+
+    def from_wordpiece(self, ids: torch.Tensor) -> torch.Tensor:
+        """bert-base-uncased ids (any shape, e.g. the official generator's (B, 62) ``input_ids``) -> token ids."""
+        ids = torch.as_tensor(ids)
+        match = ids[..., None] == self.wordpiece_ids.to(ids.device)  # (..., d_vocab)
+        known = match.any(-1)
+        if not known.all():
+            raise LegoError(f"word-piece id {int(ids[~known][0])} is not a token of this official-surface task: "
+                            f"its tokens are {' '.join(self.vocab)}")
+        return match.long().argmax(-1)
 
     @property
     def n_classes(self) -> int:
@@ -158,6 +219,8 @@ class LegoTask:
             raise LegoError(f"the {'held-out ' if heldout else ''}alphabet has {n_names} names, fewer than n={n} clauses")
         variables = offset + torch.rand(B, n_names, generator=generator).argsort(1)[:, :n]
         ops = torch.randint(self.group.n_ops, (B, n), generator=generator)
+        if self.official:  # the official generator writes the root clause as 'val 0' or 'val 1', never 'not'
+            ops[:, 0] = 0
         root = (torch.randint(self.group.n_literals, (B,), generator=generator) if self.config.random_root
                 else torch.zeros(B, dtype=torch.long))
         values = self.chain_values(ops, root)
@@ -204,12 +267,15 @@ class LegoTask:
         return [self.vocab[t] for t in tokens.tolist()]
 
     def to_text(self, tokens: torch.Tensor) -> str:
-        """(T,) token ids -> ``a=+1; b=-a; ...`` (specials and padding dropped)."""
+        """(T,) token ids -> ``a=+1; b=-a; ...`` (official surface: ``a = val 1 , b = not a ,``, which
+        bert-base-uncased reads back to the same ids); specials and padding dropped."""
+        if self.official:
+            return " ".join(name for name in self.token_strings(tokens) if name not in self.specials)
         clauses, current = [], []
         for name in self.token_strings(tokens):
             if name in SPECIALS:
                 continue
-            if name == self.config.separator:
+            if name == self.separator:
                 clauses.append("".join(current))
                 current = []
             elif current and current[-1] in self.op_names and len(self._readings(current[-1] + name)) > 1:
@@ -226,11 +292,13 @@ class LegoTask:
     def parse(self, text: str, max_clauses: int | None = None) -> Sentence:
         """``"a=+1; b=-a"`` -> :class:`Sentence`; raises :class:`LegoError` naming what is wrong."""
         max_clauses = self.config.n if max_clauses is None else max_clauses
-        eq, sep = self.config.equals, self.config.separator
+        eq, sep = self.equals, self.separator
         parts = [p.strip() for p in text.split(sep)]
         parts = [p for p in parts if p]
         if not parts:
-            raise LegoError(f"the sentence is empty: write clauses like 'a{eq}{self.op_names[0]}{self.group.literal_names[0]}{sep} b{eq}{self.op_names[-1]}a'")
+            gap = " " if self.official else ""
+            raise LegoError(f"the sentence is empty: write clauses like 'a{gap}{eq}{gap}{self.op_names[0]}{gap}{self.group.literal_names[0]}"
+                            f"{gap}{sep} b{gap}{eq}{gap}{self.op_names[-1]}{gap}a'")
         if len(parts) > max_clauses:
             raise LegoError(f"the sentence has {len(parts)} clauses, more than the {max_clauses} allowed here: shorten it")
         sentence = Sentence()

@@ -34,7 +34,7 @@ from legointerp.files import OutputLock, atomic_write, prepare_output, remove_st
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig, forward_flops
 from legointerp.options import check_train_config, resolve_device
 from legointerp.patterns import association_mask, manipulation_mask, row_normalised
-from legointerp.task import LegoBatch, LegoTask, TaskConfig, supervision_mask
+from legointerp.task import PAD, LegoBatch, LegoTask, TaskConfig, supervision_mask
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainConfig:
     # task
     group: str = "task1"
     n: int = 12
+    surface: str = "legointerp"  # or "official": the official code's sentences (task.TaskConfig)
     n_tr: int | None = None  # supervise the first n_tr chain positions (None: all)
     supervised: tuple[int, ...] | None = None  # or exactly these chain positions
     min_length: int | None = None  # mix chain lengths uniformly in [min_length, longest]
@@ -56,6 +57,8 @@ class TrainConfig:
     tied: bool = True
     min_depth: int | None = None
     hardcoded: tuple[str | None, ...] = ()  # per head index: a fixed pattern (model.HARDCODED) or None (learned)
+    norm: str = "pre"  # LayerNorm placement: "pre" (GPT-2-like) or "post" (BERT/ALBERT)
+    d_embed: int | None = None  # ALBERT's factorised embedding width (post-LN only; None: d_model)
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -64,6 +67,7 @@ class TrainConfig:
     batch_size: int = 128
     steps: int = 10_000
     mimic_steps: int = 0  # the paper's mimicking: pull heads 0/1 towards association/manipulation first
+    mimic: str = "ours"  # or "official": the official code's targets and loss (official_mimicking_loss)
     target_accuracy: float | None = None  # stop early once every chain position reaches this test accuracy
     seed: int = 0
     device: str = "auto"
@@ -76,12 +80,13 @@ class TrainConfig:
         check_train_config(self)
 
     def task_config(self) -> TaskConfig:
-        return TaskConfig(group=self.group, n=self.n)
+        return TaskConfig(group=self.group, n=self.n, surface=self.surface)
 
     def model_config(self, task: LegoTask) -> ModelConfig:
         return ModelConfig(d_vocab=task.d_vocab, d_vocab_out=task.n_classes, n_ctx=task.n_ctx, d_model=self.d_model,
                            n_heads=self.n_heads, n_layers=self.n_layers, d_mlp=self.d_mlp, tied=self.tied,
-                           min_depth=self.min_depth, hardcoded=self.hardcoded, variable_offset=task.variable_offset)
+                           min_depth=self.min_depth, hardcoded=self.hardcoded, variable_offset=task.variable_offset,
+                           norm=self.norm, d_embed=self.d_embed)
 
     def loss_mask(self) -> torch.Tensor:
         return supervision_mask(self.n, self.n_tr, list(self.supervised) if self.supervised is not None else None)
@@ -198,6 +203,37 @@ def mimicking_loss(patterns: list[torch.Tensor], batch: LegoBatch, task: LegoTas
             nll = -(target * pattern[:, head].clamp_min(1e-9).log()).sum(-1)
             total = total + (nll * rows).sum() / rows.sum().clamp(min=1)
     return total / (len(targets) * len(patterns))
+
+
+OFFICIAL_BAND = (1.0, 2.0, 4.0, 2.0, 1.0)  # head 0's target weights on keys i-2..i+2
+
+
+def official_mimicking_loss(patterns: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The official code's mimicking loss (mimicking_experiments/pretrain_mimic.py): head 0 towards the band
+    ``OFFICIAL_BAND`` around each query (itself included), head 1 towards every other occurrence of the query's
+    token id (all tokens, ``=`` and ``,`` too), each pattern and target +1e-3 and row-normalised, KL(pattern ||
+    target) averaged over queries, summed over heads and layers.  patterns: list of (B, H, T, T); tokens: (B, T).
+    Padding (absent from the official data) is left out of keys and queries, so unpadded batches match it exactly."""
+    B, T = tokens.shape
+    real = tokens != PAD
+    position = torch.arange(T, device=tokens.device)
+    offset = position[None, :] - position[:, None]  # (T, T) key - query
+    band = torch.tensor(OFFICIAL_BAND, device=tokens.device)[(offset + 2).clamp(0, 4)] * (offset.abs() <= 2)
+    same = (tokens[:, :, None] == tokens[:, None, :]) & ~torch.eye(T, dtype=torch.bool, device=tokens.device)
+    keys = real[:, None, :].expand(B, T, T)
+
+    def smoothed(pattern: torch.Tensor) -> torch.Tensor:
+        """(B, T, T) distribution over real keys; 1 at padded keys, where 1 log 1 adds nothing to the KL, and no NaN
+        to its gradient."""
+        pattern = (pattern + 1e-3) * keys
+        return torch.where(keys, pattern / pattern.sum(-1, keepdim=True), 1.0)
+
+    total = 0.0
+    for head, target in enumerate([smoothed(band.expand(B, T, T)), smoothed(same.float())]):
+        for pattern in patterns:
+            p = smoothed(pattern[:, head])
+            total = total + (p * (p.log() - target.log())).sum(-1)[real].mean()
+    return total
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -374,8 +410,10 @@ class Trainer:
             logits = clause_logits(out, batch).float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none")
             loss = (nll * supervised.float()).sum() / (max(float(count), 1.0) / self.world)
-            if patterns:
-                loss = loss + mimicking_loss([p.float() for p in patterns], batch, self.task)
+            if patterns:  # the official code mimics with no task loss, then fine-tunes
+                patterns = [p.float() for p in patterns]
+                loss = (official_mimicking_loss(patterns, batch.tokens) if config.mimic == "official"
+                        else loss + mimicking_loss(patterns, batch, self.task))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -1,7 +1,12 @@
+import re
+
 import pytest
 import torch
 
-from legointerp.task import BOS, CLAUSE_LEN, EOS, PAD, LegoError, LegoTask, TaskConfig, supervision_mask
+from legointerp.task import (BOS, CLAUSE_LEN, EOS, PAD, SURFACES, WORDPIECE_IDS, LegoError, LegoTask, TaskConfig,
+                             supervision_mask)
+
+OFFICIAL = LegoTask(TaskConfig(surface="official"))
 
 
 @pytest.mark.parametrize("group", ["task1", "task2", "s4", "z5", "z12"])
@@ -29,7 +34,9 @@ def test_text_spaces_operator_and_operand_only_where_parse_needs_it():
     assert " " not in task1.to_text(task1.sample(1).tokens[0]).replace("; ", "")
 
 
-def test_batch_metadata_points_at_the_right_tokens(task):
+@pytest.mark.parametrize("surface", SURFACES)
+def test_batch_metadata_points_at_the_right_tokens(surface):
+    task = LegoTask(TaskConfig(n=6, surface=surface))
     batch = task.sample(256, torch.Generator().manual_seed(1))
     tokens = batch.tokens
     assert (tokens[:, 0] == BOS).all() and (tokens[:, -1] == EOS).all()
@@ -127,3 +134,51 @@ def test_supervision_masks():
 def test_impossible_task_configs_are_refused(config):
     with pytest.raises(ValueError):
         LegoTask(TaskConfig(**config))
+
+
+def test_official_surface_is_the_official_generators_text_and_wordpiece_ids():
+    batch = OFFICIAL.sample(200, torch.Generator().manual_seed(5))
+    assert batch.tokens.shape == (200, 62) and OFFICIAL.n_ctx == 62 and (batch.tokens != PAD).all()
+    clause = r"[a-z] = (val|not) ([a-z]|[01]) ,"
+    for b in range(len(batch)):
+        text = OFFICIAL.to_text(batch.tokens[b])
+        assert re.fullmatch(rf"{clause}( {clause}){{11}}", text)
+        # bert-base-uncased splits these words on spaces alone: the ids the official code feeds its model
+        words = ["[CLS]", *text.split(), "[SEP]"]
+        assert [WORDPIECE_IDS[w] for w in words] == OFFICIAL.wordpiece_ids[batch.tokens[b]].tolist()
+        solved = OFFICIAL.solve(OFFICIAL.parse(text))
+        assert [solved[v] for v in OFFICIAL.variable_names(batch, b)] == [str(v) for v in batch.values[b].tolist()]
+    root = batch.tokens.gather(1, batch.operand_pos[:, :1] - 1)
+    assert (root == OFFICIAL.vocab.index("val")).all()  # the official root clause is always 'val 0' or 'val 1'
+    assert set(batch.values[:, 0].tolist()) == {0, 1} and set(batch.ops[:, 1:].flatten().tolist()) == {0, 1}
+    flips = batch.ops[:, 1:] == OFFICIAL.vocab.index("not") - OFFICIAL.op_offset
+    assert torch.equal(flips, batch.values[:, 1:] != batch.values[:, :-1])  # label: the variable's truth value
+
+
+def test_official_text_with_its_spacing_parses_and_wordpieces_map_back():
+    assert OFFICIAL.solve(OFFICIAL.parse("b = not a ,  a = val 1 ,  c = val b , ")) == {"b": "0", "a": "1", "c": "0"}
+    tokens = OFFICIAL.sample(8, torch.Generator().manual_seed(0)).tokens
+    assert torch.equal(OFFICIAL.from_wordpiece(OFFICIAL.wordpiece_ids[tokens]), tokens)
+    with pytest.raises(LegoError, match="word-piece id 1063"):
+        OFFICIAL.from_wordpiece(torch.tensor([101, 1063, 102]))
+    with pytest.raises(LegoError, match="official surface only"):
+        LegoTask(TaskConfig()).wordpiece_ids
+
+
+@pytest.mark.parametrize("config, problem", [
+    (dict(group="task2"), "Task 1 only"),
+    (dict(separator="|"), "fixes its symbols"),
+    (dict(heldout_alphabet="ABC"), "lower-case"),
+    (dict(surface="bert"), "unknown surface"),
+])
+def test_impossible_official_configs_are_refused(config, problem):
+    with pytest.raises(LegoError, match=problem):
+        TaskConfig(**{"surface": "official", **config})
+
+
+def test_official_surface_can_hold_out_lower_case_letters():
+    task = LegoTask(TaskConfig(n=4, alphabet="abcdefghij", heldout_alphabet="uvwxyz", surface="official"))
+    batch = task.sample(50, torch.Generator().manual_seed(0), heldout=True)
+    assert set(task.to_text(batch.tokens[0]).split()) & set("xyzuvw")
+    with pytest.raises(LegoError, match="held-out alphabet has 0 names"):
+        OFFICIAL.sample(1, heldout=True)

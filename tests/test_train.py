@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -22,9 +23,9 @@ from legointerp.errors import LegoInterpError
 from legointerp.evaluate import clause_logits
 from legointerp.files import OutputLock
 from legointerp.model import ConfigError, LegoTransformer
-from legointerp.task import LegoBatch, LegoTask
+from legointerp.task import LegoBatch, LegoTask, TaskConfig
 from legointerp.train import (PRESETS, Interrupted, TrainConfig, Trainer, cpu_state_dict, depth_generator,
-                              learning_rate, log_path, read_log, train, training_cost)
+                              learning_rate, log_path, official_mimicking_loss, read_log, train, training_cost)
 from tests.conftest import small_model
 
 TINY = TrainConfig(n=4, d_model=16, n_heads=2, n_layers=2, d_mlp=32, batch_size=16, steps=8, warmup=2, eval_every=4,
@@ -416,3 +417,80 @@ def test_read_log_names_a_missing_or_truncated_log(tmp_path):
     with pytest.raises(LegoInterpError, match="line 2 is not JSON"):
         read_log(tmp_path / "m.pt")
     assert read_log("bundled") == read_log(bundled_path()) != []
+
+
+def official_loss_by_entry(patterns: list[torch.Tensor], tokens: torch.Tensor) -> float:
+    """The official mimicking loss written out one attention row at a time, for unpadded tokens (B, T)."""
+    band = {-2: 1.0, -1: 2.0, 0: 4.0, 1: 2.0, 2: 1.0}
+    B, T = tokens.shape
+    smooth = lambda row: [(x + 1e-3) / sum(y + 1e-3 for y in row) for x in row]
+    total = 0.0
+    for head in (0, 1):
+        for pattern in patterns:
+            kls = []
+            for b in range(B):
+                for i in range(T):
+                    target = smooth([band.get(j - i, 0.0) if head == 0 else float(i != j and tokens[b, i] == tokens[b, j])
+                                     for j in range(T)])
+                    p = smooth(pattern[b, head, i].tolist())
+                    kls.append(sum(pj * math.log(pj / tj) for pj, tj in zip(p, target)))
+            total += sum(kls) / len(kls)
+    return total
+
+
+def test_official_mimicking_loss_is_kl_to_the_band_and_same_token_targets():
+    task = LegoTask(TaskConfig(n=3, surface="official"))
+    tokens = task.sample(3, torch.Generator().manual_seed(0)).tokens
+    patterns = [torch.randn(3, 2, 17, 17, generator=torch.Generator().manual_seed(layer)).softmax(-1) for layer in range(2)]
+    assert official_mimicking_loss(patterns, tokens).item() == pytest.approx(official_loss_by_entry(patterns, tokens),
+                                                                             rel=1e-5)
+
+
+def test_official_mimicking_loss_vanishes_at_its_targets_and_ignores_padding():
+    task = LegoTask(TaskConfig(n=5, surface="official"))
+    batch = task.sample(32, torch.Generator().manual_seed(1), min_length=2)
+    T = batch.tokens.shape[1]
+    # the targets themselves as patterns: the official code's smoothing of both sides leaves only a small remainder
+    real = batch.attention_mask
+    offset = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    band = torch.tensor([1.0, 2, 4, 2, 1])[(offset + 2).clamp(0, 4)] * (offset.abs() <= 2) * real[:, None, :]
+    same = (batch.tokens[:, :, None] == batch.tokens[:, None, :]) & ~torch.eye(T, dtype=torch.bool) & real[:, None, :]
+    targets = torch.stack([band, same.float() + 1e-3 * real[:, None, :]], 1)
+    targets = targets / targets.sum(-1, keepdim=True)
+    uniform = real[:, None, None, :] / real.sum(-1)[:, None, None, None]
+    at_target = official_mimicking_loss([targets], batch.tokens)
+    assert 0 <= at_target < 0.01 * official_mimicking_loss([uniform.expand_as(targets)], batch.tokens)
+    scrambled = targets.clone()
+    scrambled[~real[:, None, :, None].expand_as(targets)] = 0.5  # padded queries' rows
+    assert official_mimicking_loss([scrambled], batch.tokens) == at_target
+    scores = torch.randn(32, 2, T, T).masked_fill(~real[:, None, None, :], -torch.inf).requires_grad_()
+    official_mimicking_loss([scores.softmax(-1)], batch.tokens).backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
+    assert official_mimicking_loss([targets, targets.roll(1, -1)], batch.tokens) > 10 * at_target  # every layer counts
+
+
+@pytest.mark.parametrize("mimic", ["ours", "official"])
+def test_official_mimicking_trains_attention_alone_then_fine_tunes(tmp_path, mimic):
+    config = replace(TINY, surface="official", mimic=mimic, mimic_steps=2, curriculum=False, min_length=None)
+    trainer = Trainer(config, tmp_path / "m.pt", progress=False)
+    unembed = trainer.model.unembed.W_U.detach().clone()
+    trainer.train_step(), trainer.train_step()
+    mimicked = trainer.model.unembed.W_U.detach().clone()
+    # the official code mimics with no task loss: the classifier gets no gradient until fine-tuning
+    assert torch.equal(mimicked, unembed) == (mimic == "official")
+    trainer.train_step()
+    assert not torch.equal(trainer.model.unembed.W_U, mimicked)
+
+
+def test_train_cli_on_the_official_surface_with_official_mimicking(tmp_path, capsys):
+    cli.main(["train", "--quiet", "--format", "json", "--out", str(tmp_path / "m.pt"), "--length", "4", "--d-model", "16",
+              "--n-heads", "2", "--n-layers", "2", "--d-mlp", "32", "--batch-size", "16", "--steps", "4", "--eval-every",
+              "2", "--eval-size", "32", "--device", "cpu", "--surface", "official", "--mimic", "official",
+              "--mimic-steps", "2", "--no-curriculum"])
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert checkpoint.task_config.surface == "official" and checkpoint.train_config["mimic"] == "official"
+    assert len(json.loads(capsys.readouterr().out)["accuracy"]) == 4
+    with pytest.raises(ConfigError, match="mimic_steps=0"):
+        replace(TINY, mimic="official", mimic_steps=0)
+    assert cli.main(["train", "--surface", "bert"]) == 2
+    assert "not one of legointerp, official" in capsys.readouterr().err
