@@ -216,7 +216,8 @@ class LegoTask:
         offset, n_names = ((self.heldout_offset, len(self.config.heldout_alphabet)) if heldout
                            else (self.variable_offset, len(self.config.alphabet)))
         if n_names < n:
-            raise LegoError(f"the {'held-out ' if heldout else ''}alphabet has {n_names} names, fewer than n={n} clauses")
+            raise LegoError(f"the {'held-out ' if heldout else ''}alphabet has {n_names} names, fewer than n={n} clauses: "
+                           + ("evaluate without --heldout" if heldout else "use a longer alphabet"))
         variables = offset + torch.rand(B, n_names, generator=generator).argsort(1)[:, :n]
         ops = torch.randint(self.group.n_ops, (B, n), generator=generator)
         if self.official:  # the official generator writes the root clause as 'val 0' or 'val 1', never 'not'
