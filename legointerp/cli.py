@@ -88,6 +88,8 @@ _TRAIN_HELP = {
     "norm": "LayerNorm placement: pre (before each sublayer, a final LayerNorm) or post (BERT/ALBERT: after each "
             "residual add, an embedding LayerNorm, eps 1e-12)",
     "d_embed": "ALBERT's factorised embedding width (e.g. 128), projected to d_model (needs --norm post)",
+    "identity_attention": "Boix-Adsera et al.'s +aI/+bI: per head, trainable scalars a and b (zero at first) adding a "
+                          "x_i.x_j to the scores (attend to the same token) and b times the attended inputs to the output",
     "surface": "legointerp (a=+1; b=-a) or official: the official code's 'a = val 1 , b = not a ,' as bert-base-uncased "
                "reads it (task1 only, random root)",
     "mimic": "the loss of the --mimic-steps: ours (association/manipulation, plus the task loss) or official (the "
@@ -534,6 +536,44 @@ def _add_zoo(sub) -> None:
     parser.set_defaults(run=_zoo)
 
 
+# ---------------------------------------------------------------------------- import
+def _import(args) -> None:
+    from legointerp.checkpoint import save_checkpoint
+    from legointerp.importer import import_state_dict
+
+    if args.out.exists() and not args.force:
+        raise LegoInterpError(f"{args.out} already exists: add --force to replace it, or choose another --out")
+    imported = import_state_dict(args.source, n_heads=args.n_heads, n_layers=args.n_layers, act_fn=args.act_fn, n=args.n,
+                                 zero_head=args.zero_head, samples=args.samples, seed=args.seed,
+                                 command=" ".join(["legointerp", *sys.argv[1:]]))
+    save_checkpoint(imported.checkpoint, args.out)
+    record = {"checkpoint": str(args.out), "source": str(args.source), **imported.to_dict()}
+    _emit(args, pd.DataFrame([record]).T.reset_index().set_axis(["", "value"], axis=1), record)
+    print(f"wrote {args.out}: every command reads it with --ckpt {args.out}", file=sys.stderr)
+
+
+def _add_import(sub) -> None:
+    parser = sub.add_parser("import", help="a state dict saved by the official LEGO code, as a checkpoint",
+                            description="Read a BertModel / AlbertModel state dict saved by the official code "
+                                        "(yizhangzzz/transformers-lego), with or without a linear classifier, under any "
+                                        "module./base./bert. prefix, and write a post-LN checkpoint on the official "
+                                        "surface with the source's sha256 in its provenance.")
+    parser.add_argument("source", type=Path, help="the .pth file (torch.save of a state dict)")
+    parser.add_argument("--n-heads", type=COUNT, required=True, help="attention heads per layer (not in the weights; BERT/ALBERT-base: 12)")
+    parser.add_argument("--n-layers", type=COUNT, help="ALBERT's depth (not in its one shared layer; albert-base: 12)")
+    parser.add_argument("--act-fn", choices=["gelu", "gelu_new"], help="the source config's hidden_act (default: gelu, "
+                                                                      "as bert-base-uncased and albert-base-v1)")
+    parser.add_argument("--n", type=COUNT, default=12, help="clauses per sentence (default: 12, the official code's)")
+    parser.add_argument("--zero-head", action="store_true", help="import a state dict with no classifier (the official "
+                                                                 "mimic_*.pth) with a zero head: accuracy is chance")
+    parser.add_argument("--samples", type=SAMPLES, default=200, help="fresh sentences measuring the head (default: 200)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of those sentences")
+    parser.add_argument("--out", type=output_file, required=True, help="checkpoint file to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_format(parser)
+    parser.set_defaults(run=_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="legointerp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -542,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_basic(sub)
     _add_analyses(sub)
     _add_zoo(sub)
+    _add_import(sub)
     return parser
 
 

@@ -23,7 +23,8 @@ class HFWeightsError(LegoInterpError):
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop whatever precedes ``embeddings.`` (``bert.``, ``module.``, ``base.0.``) so BertModel's own names remain."""
+    """Drop whatever precedes ``embeddings.`` (``bert.``, ``module.base.``) so BertModel's own names remain
+    (``nn.Sequential(embeddings, encoder)``'s ``0.`` / ``1.`` are renamed by :func:`legointerp.importer.split_source`)."""
     keys = [k for k in state if k.endswith(WORDS)]
     if len(keys) != 1:
         raise HFWeightsError(f"the state dict has {len(keys)} '{WORDS}' entries, not one: pass the state_dict of a "
@@ -47,7 +48,7 @@ def hf_model_config(state: dict[str, torch.Tensor], *, n_heads: int, d_vocab_out
     if albert:
         if n_layers is None:
             raise HFWeightsError("an ALBERT state dict holds one shared layer, so its depth is not in the weights: "
-                                 "give n_layers (the source config's num_hidden_layers)")
+                                 "give n_layers (--n-layers on the command line: the source config's num_hidden_layers, 12 in albert-base)")
         d_model, d_mlp = state[ALBERT_LAYER + "ffn.weight"].shape[1], state[ALBERT_LAYER + "ffn.weight"].shape[0]
     else:
         n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
