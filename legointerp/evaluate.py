@@ -3,6 +3,8 @@ forward pass (:class:`Inference`) and vectorised encoder (:func:`encode`) that `
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -41,7 +43,8 @@ class Inference:
     """The model's forward pass for reading answers, not for hooks: weights packed once as ``(d_out, d_in)``, bias,
     GELU and residual adds fused into the GEMMs, and the last block computed only at the positions read out.
     Equal to ``model(tokens)`` within fp32 rounding (tested).  Shapes: B sentences, P positions, R read out.
-    Hardcoded heads take their ``patterns`` (B, H_fixed, P, P) from :meth:`LegoTransformer.fixed_patterns`."""
+    Hardcoded heads take their ``patterns`` (B, H_fixed, P, P) from :meth:`LegoTransformer.fixed_patterns`; a model
+    with +aI/+bI attention forms its pattern instead of the fused kernel, as the model does."""
 
     def __init__(self, model):
         cfg = self.cfg = model.cfg
@@ -57,7 +60,9 @@ class Inference:
                 qkv=(qkv.detach().contiguous(), torch.stack([attn.b_Q, attn.b_K, attn.b_V]).flatten().detach()),
                 out=(attn.W_O.flatten(0, 1).T.detach().contiguous(), attn.b_O.detach()),
                 mlp_in=(mlp.W_in.T.detach().contiguous(), mlp.b_in.detach()),
-                mlp_out=(mlp.W_out.T.detach().contiguous(), mlp.b_out.detach())))
+                mlp_out=(mlp.W_out.T.detach().contiguous(), mlp.b_out.detach()),
+                # +aI/+bI: a already divided by sqrt(d_head), as the scores are
+                identity=((attn.a_I / math.sqrt(cfg.d_head)).detach(), attn.b_I.detach()) if cfg.identity_attention else None))
         self.embedding = (model.embed.W_E.detach(), model.pos_embed.W_pos.detach())
         self.ln_embed = (model.ln_embed.w.detach(), model.ln_embed.b.detach()) if self.post else None
         self.embed_proj = ((model.embed_proj.W_proj.T.detach().contiguous(), model.embed_proj.b_proj.detach())
@@ -95,15 +100,28 @@ class Inference:
         """(B, P, D) resid_pre -> (B, P, D) resid_post, or (B, R, D) at the positions ``queries`` (B, R) only;
         key_mask: (B, 1, 1, P) bool, True where a key may be attended."""
         weights, H = self.blocks[layer], self.cfg.n_heads
-        q, k, v = linear(resid if self.post else self._norm(resid, weights["ln1"]), *weights["qkv"]).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
+        x = resid if self.post else self._norm(resid, weights["ln1"])
+        q, k, v = linear(x, *weights["qkv"]).unflatten(-1, (3, H, -1)).permute(2, 0, 3, 1, 4)
+        x_query = x
         if queries is not None:
             q = q.gather(2, queries[:, None, :, None].expand(-1, H, -1, q.shape[-1]))
             resid = resid.gather(1, queries[..., None].expand(-1, -1, resid.shape[-1]))
+            x_query = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
             if patterns is not None:
                 patterns = patterns.gather(2, queries[:, None, :, None].expand(-1, len(self.fixed), -1, patterns.shape[-1]))
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, P or R, E)
-        if patterns is not None:  # a hardcoded head's q and k are zero: its SDPA output is replaced, not used
-            z[:, self.fixed] = patterns.to(v.dtype) @ v[:, self.fixed]
+        if weights["identity"] is None:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, P or R, E)
+            if patterns is not None:  # a hardcoded head's q and k are zero: its SDPA output is replaced, not used
+                z[:, self.fixed] = patterns.to(v.dtype) @ v[:, self.fixed]
+        else:  # +aI/+bI (model.Attention): the pattern is formed, for the copy b sum_j pattern_ij x_j
+            a, b = weights["identity"]
+            gram = (x_query @ x.transpose(-1, -2))[:, None]  # (B, 1, P or R, P) the inputs' dot products
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + a[:, None, None] * gram
+            pattern = (scores if key_mask is None else scores.masked_fill(~key_mask, float("-inf"))).softmax(-1)
+            if patterns is not None:
+                pattern[:, self.fixed] = patterns.to(pattern.dtype)
+            z = pattern @ v
+            resid = resid + (pattern * b[:, None, None]).sum(1) @ x
         resid = linear(z.transpose(1, 2).flatten(2), *weights["out"], add=resid)
         return self.mlp(layer, self._norm(resid, weights["ln1"]) if self.post else resid)
 

@@ -210,6 +210,11 @@ def _ablating(replacements: list[tuple[int, torch.Tensor]], B: int):
     return hook
 
 
+def head_outputs(cfg) -> tuple[str, ...]:
+    """The hooks that together carry each head's write: its ``z`` and, with +aI/+bI attention, the identity copy."""
+    return ("attn.hook_z",) + (("attn.hook_identity_out",) if getattr(cfg, "identity_attention", False) else ())
+
+
 @torch.no_grad()
 def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     """Accuracy lost per chain depth when each head is ablated: ``mean`` and ``resample`` (one row per head
@@ -219,7 +224,9 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     inputs = _model_inputs(batch)
     mask = inputs[1:]
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(batch)
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+    outputs = head_outputs(model.cfg)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
+    names += [f"blocks.{layer}.{output}" for layer in range(L) for output in outputs]
     logits, cache = model.run_with_cache(*inputs, names_filter=names)
     clean = _accuracy(logits, batch)[0]
     resample = torch.roll(torch.arange(B), 1)
@@ -228,19 +235,29 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     tiled_mask = [m.repeat(2 * H, 1) for m in mask]
     # a model with hardcoded heads builds their patterns from the token ids, which a residual-stream start lacks
     hardcoded = bool(getattr(model.cfg, "hardcoded", ()))
+
     def source(times: int) -> dict:
         return {"source_tokens": batch.tokens.repeat(times, 1)} if hardcoded else {}
 
+    def hooks(layer: int, variants) -> list:
+        """Variant v replaces head variants[v][0]'s write by variants[v][1](activation) at every output hook."""
+        return [(f"blocks.{layer}.{output}",
+                 _ablating([(h, value(cache[f"blocks.{layer}.{output}"][:, :, h])) for h, value in variants], B))
+                for output in outputs]
+
+    def mean(activation: torch.Tensor) -> torch.Tensor:
+        return activation.mean(0, keepdim=True)
+
+    def rolled(activation: torch.Tensor) -> torch.Tensor:
+        return activation[resample]
+
     for layer in range(L):
-        z = cache["z", layer]  # (B, P, H, E)
-        variants = [(h, z[:, :, h].mean(0, keepdim=True)) for h in range(H)] + [(h, z[resample, :, h]) for h in range(H)]
-        hook = [(f"blocks.{layer}.attn.hook_z", _ablating(variants, B))]
+        variants = [(h, mean) for h in range(H)] + [(h, rolled) for h in range(H)]
         start = cache["resid_pre", layer].repeat(2 * H, 1, 1)
-        full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hook, **source(2 * H)),
-                         batch)
+        full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hooks(layer, variants),
+                                              **source(2 * H)), batch)
         truncated = model.run_with_hooks(start[: H * B], *[m[: H * B] for m in tiled_mask], start_at_layer=layer,
-                                         n_layers=layer + 1, fwd_hooks=[(hook[0][0], _ablating(variants[:H], B))],
-                                         **source(H))
+                                         n_layers=layer + 1, fwd_hooks=hooks(layer, variants[:H]), **source(H))
         clean_truncated = model(cache["resid_pre", layer], *mask, start_at_layer=layer, n_layers=layer + 1, **source(1))
         depth = min(layer, batch.values.shape[1] - 1)
         truncated_drop = _accuracy(clean_truncated, batch)[0, depth] - _accuracy(truncated, batch)[:, depth]
@@ -253,9 +270,8 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     if getattr(model.cfg, "tied", False):  # a TransformerLens bridge has no tied blocks
         rows = {}
         for h in range(H):
-            hooks = [(f"blocks.{layer}.attn.hook_z", _ablating([(h, cache["z", layer][:, :, h].mean(0, keepdim=True))], B))
-                     for layer in range(L)]
-            rows[f"H{h}"] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=hooks), batch)[0]).numpy()
+            every = [hook for layer in range(L) for hook in hooks(layer, [(h, mean)])]
+            rows[f"H{h}"] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=every), batch)[0]).numpy()
         result["every_iteration"] = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
     return result
 

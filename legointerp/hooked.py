@@ -2,10 +2,10 @@
 
 ``LegoTransformer`` is itself a ``HookedRootModule`` with TransformerLens's hook names, cache
 helpers and stacked weights, and the analyses run on it (it is ~1.5x faster than the bridge).
-``to_bridge`` exports any pre-LN model without hardcoded heads (the bridge holds neither fixed patterns nor
-post-LN blocks; it refuses those) to a TransformerLens 4 ``TransformerBridge`` with equal logits, so
-the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers`` blocks that
-all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
+``to_bridge`` exports any pre-LN model without hardcoded heads or nonzero +aI/+bI scalars (the bridge holds no
+fixed patterns, identity terms or post-LN blocks; it refuses those) to a TransformerLens 4 ``TransformerBridge``
+with equal logits, so the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers``
+blocks that all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
 one): ``model.to_tokens`` makes its input.
 
 Pitfalls of transformer-lens 4.3 this respects: the bridge starts in train mode (we call eval);
@@ -56,6 +56,9 @@ def to_bridge(model: LegoTransformer) -> TransformerBridge:
         raise LegoInterpError(f"this model has hardcoded attention heads ({','.join(k or '-' for k in cfg.hardcoded)}), "
                               "whose fixed patterns a TransformerBridge cannot hold: analyse the model itself, which is a "
                               "TransformerLens HookedRootModule (run_with_cache, run_with_hooks and every command work on it)")
+    if cfg.identity_attention and any(block.attn.a_I.any() or block.attn.b_I.any() for block in model.blocks):
+        raise LegoInterpError("this model has +aI/+bI attention with nonzero a or b, which a TransformerBridge's attention "
+                              "cannot hold exactly: analyse the model itself, a TransformerLens HookedRootModule")
     if cfg.norm == "post":
         raise LegoInterpError("this is a post-LN (BERT/ALBERT) model, and a native TransformerBridge of transformer-lens 4.3 "
                               "has pre-LN blocks only (its BERT adapter needs a Hugging Face model, and it has no ALBERT one), "

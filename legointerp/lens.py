@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from legointerp.evaluate import clause_logits
-from legointerp.model import affine, require_pre_ln
+from legointerp.model import affine, require_pre_ln, require_writes_at_z
 from legointerp.probes import residual_sites
 from legointerp.task import LegoBatch
 
@@ -154,6 +154,7 @@ def direct_logit_attribution(model, batch: LegoBatch) -> LogitAttribution:
     """Each component's direct contribution to every answer's logit difference, ``ln_final``'s scale frozen."""
     cfg = model.cfg
     require_pre_ln(cfg, "direct logit attribution")
+    require_writes_at_z(cfg, "direct logit attribution")
     layers = range(cfg.n_layers)
     names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale", *(f"blocks.{l}.attn.hook_z" for l in layers),
              *(f"blocks.{l}.hook_mlp_out" for l in layers)]

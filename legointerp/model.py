@@ -22,6 +22,17 @@ stay zero and get no gradient, no ``QK^T``, no softmax) and learn only their val
 ``hook_q``/``hook_k``/``hook_attn_scores`` hold zeros for the fixed heads.  :func:`forward_flops`
 counts what this saves.
 
+*+aI / +bI attention* (``ModelConfig.identity_attention``; Boix-Adsera et al., "When can transformers reason with
+abstract symbols?"): each head has two trainable scalars, ``attn.a_I`` and ``attn.b_I`` (H,), zero at
+initialisation, so the model starts as the plain one.  With x the attention's input (``ln1``'s output pre-LN, the
+residual stream post-LN), ``QK = W_Q W_K^T + a I`` adds ``a <x_i, x_j> / sqrt(d_head)`` to the score (attend to the
+same token, by content), and ``OV = W_V W_O + b I`` adds ``b sum_j pattern_ij x_j`` to the head's output (copy the
+attended tokens forward).  That copy bypasses ``hook_z``: it passes ``blocks.{l}.attn.hook_identity_out``
+(B, P, H, D), one write per head, so ``attn_out = sum_h z_h W_O[h] + b_O + sum_h identity_out_h``; ``hook_result``
+includes it (each head's whole write).  Such a model always materialises its pattern (no fused kernel); the stacked
+``model.QK`` / ``model.OV`` include the identity terms exactly, ``model.a_I`` / ``model.b_I`` are (n_layers, H).
+A hardcoded head keeps its fixed pattern (its ``a`` is unused) and still has its ``b``.
+
 *Post-LN* (``ModelConfig.norm="post"``), as BERT and ALBERT are (``legointerp.hf`` copies their weights in, and
 the tests check the hidden states equal ``transformers``' to 1e-5): token + position embeddings, then a LayerNorm
 (``ln_embed``), then for ALBERT's factorised embedding (``d_embed``) the ``embed_proj`` map to ``d_model``; each
@@ -69,6 +80,14 @@ class ConfigError(LegoInterpError):
     """An impossible model or training configuration."""
 
 
+def require_writes_at_z(cfg, analysis: str) -> None:
+    """Refuse ``analysis`` where a head's write is not all at ``hook_z``: +aI/+bI attention also writes through
+    ``hook_identity_out``."""
+    if getattr(cfg, "identity_attention", False):
+        raise ConfigError(f"{analysis} reads each head's write at hook_z, but this model's +bI attention also writes "
+                          "through hook_identity_out: use the head classifier's ablations or residual-stream patching")
+
+
 def require_pre_ln(cfg, analysis: str) -> None:
     """Refuse ``analysis`` on a post-LN model: its residual stream is renormalised after every sublayer, so it is no
     sum of component writes and there is no final LayerNorm to read it through."""
@@ -95,6 +114,7 @@ class ModelConfig:
     norm: str = "pre"  # "pre" (LayerNorm before each sublayer, a final one) or "post" (BERT: after each residual add)
     d_embed: int | None = None  # ALBERT's factorised embedding width (post-LN only), projected to d_model; None: d_model
     act_fn: str = "gelu"  # the MLP's: "gelu" (exact erf, BERT's) or "gelu_new" (tanh approximation, ALBERT's default)
+    identity_attention: bool = False  # Boix-Adsera et al.'s +aI/+bI: two trainable scalars per head (Attention)
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
@@ -166,6 +186,8 @@ def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
     D, E, H, M = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp
     learned = H - len(cfg.fixed_heads)
     layer = 2 * T * D * E * (2 * learned + H) + 2 * T * T * E * (learned + H) + 2 * T * D * D + 4 * T * D * M
+    if cfg.identity_attention:  # the inputs' Gram matrix for +aI (learned heads only), the mixed pattern times x for +bI
+        layer += 2 * T * T * D * (2 if learned else 1)
     projection = 2 * T * cfg.d_embed * D if cfg.d_embed is not None else 0
     return cfg.n_layers * layer + 2 * T * D * cfg.d_vocab_out + projection
 
@@ -215,6 +237,10 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # (B, H, Q, K)
         self.hook_z = HookPoint()  # (B, P, H, E)
         self.hook_result = HookPoint()  # (B, P, H, D): each head's write to the residual stream, if use_attn_result
+        if cfg.identity_attention:  # absent otherwise, so a plain model's state dict keeps its keys
+            self.a_I = nn.Parameter(torch.zeros(H))  # QK = W_Q W_K^T + a I
+            self.b_I = nn.Parameter(torch.zeros(H))  # OV = W_V W_O + b I
+            self.hook_identity_out = HookPoint()  # (B, P, H, D): each head's b * sum_j pattern_ij x_j
         fixed = cfg.fixed_heads
         learned = [h for h in range(H) if h not in fixed]
         # head indices as buffers, so they follow the weights' device; never saved (the config says it all)
@@ -252,23 +278,40 @@ class Attention(nn.Module):
         q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
         q, k = self._hook_learned(self.hook_q, q, 2), self._hook_learned(self.hook_k, k, 2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.hook_v(v).transpose(1, 2)
-        if _hooked(self.hook_attn_scores, self.hook_pattern):
+        identity = self.cfg.identity_attention
+        if identity or _hooked(self.hook_attn_scores, self.hook_pattern):  # +bI needs the pattern itself
             scores = q @ k.transpose(-1, -2) / math.sqrt(E)
+            if identity:  # x_i^T (W_Q W_K^T + a I) x_j / sqrt(E): the attention inputs' own dot products
+                a = (self.a_I[self.learned] / math.sqrt(E)).to(scores.dtype)
+                scores = scores + a[:, None, None] * (x @ x.transpose(-1, -2))[:, None]
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask, float("-inf"))
             pattern = self._hook_learned(self.hook_attn_scores, scores, 1).softmax(-1)
             if self.cfg.hardcoded:
                 pattern = self._merge(pattern, fixed_pattern.to(pattern.dtype), 1)
-            z = self.hook_pattern(pattern) @ v
+            pattern = self.hook_pattern(pattern)
+            z = pattern @ v
         elif self.cfg.hardcoded:
             z = F.scaled_dot_product_attention(q, k, v[:, self.learned], attn_mask=key_mask)
             z = self._merge(z, fixed_pattern.to(v.dtype) @ v[:, self.fixed], 1)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         z = self.hook_z(z.transpose(1, 2))  # (B, P, H, E)
+        copied = self._copied(pattern, x) if identity else None
         if self.cfg.use_attn_result:
-            return self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O)).sum(-2) + self.b_O
-        return affine(z.flatten(2), self.W_O.flatten(0, 1), self.b_O)
+            result = torch.einsum("bphe,hed->bphd", z, self.W_O)
+            return self.hook_result(result if copied is None else result + copied).sum(-2) + self.b_O
+        out = affine(z.flatten(2), self.W_O.flatten(0, 1), self.b_O)
+        return out if copied is None else out + (copied.sum(-2) if copied.ndim == 4 else copied)
+
+    def _copied(self, pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The +bI path, ``b_h sum_j pattern_hij x_j``: (B, P, H, D) per head through ``hook_identity_out`` when it is
+        hooked or per-head results are kept, else (B, P, D) already summed over heads through one mixed (B, P, P)
+        pattern, which never forms the per-head tensor.  pattern: (B, H, P, P); x: (B, P, D) the attention's input."""
+        if self.cfg.use_attn_result or _hooked(self.hook_identity_out):
+            copied = pattern @ x[:, None]  # (B, H, P, D)
+            return self.hook_identity_out((copied * self.b_I.to(copied.dtype)[:, None, None]).transpose(1, 2))
+        return (pattern * self.b_I.to(pattern.dtype)[:, None, None]).sum(1) @ x
 
 
 class MLP(nn.Module):
@@ -431,8 +474,25 @@ class LegoTransformer(HookedRootModule):
     W_pos = property(lambda self: self.pos_embed.W_pos, doc="(n_ctx, d_embed or d_model)")
     W_U = property(lambda self: self.unembed.W_U, doc="(d_model, d_vocab_out): one column per value class")
     b_U = property(lambda self: self.unembed.b_U, doc="(d_vocab_out,)")
-    QK = property(lambda self: FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1)), doc="(n_layers, n_heads, d_model, d_model)")
-    OV = property(lambda self: FactoredMatrix(self.W_V, self.W_O), doc="(n_layers, n_heads, d_model, d_model)")
+    a_I = property(lambda self: self._stacked("attn.a_I"), doc="(n_layers, n_heads), identity_attention only")
+    b_I = property(lambda self: self._stacked("attn.b_I"), doc="(n_layers, n_heads), identity_attention only")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """(n_layers, n_heads, d_model, d_model) ``W_Q W_K^T``, plus ``a I`` with identity_attention: then the factors
+        are ``[W_Q, a I]`` and ``[W_K, I]^T`` (inner width d_head + d_model), so the product is exact."""
+        return self._with_identity(self.W_Q, self.W_K.transpose(-2, -1), "a_I")
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """(n_layers, n_heads, d_model, d_model) ``W_V W_O``, plus ``b I`` with identity_attention (as :attr:`QK`)."""
+        return self._with_identity(self.W_V, self.W_O, "b_I")
+
+    def _with_identity(self, A: torch.Tensor, B: torch.Tensor, scalar: str) -> FactoredMatrix:
+        if not self.cfg.identity_attention:
+            return FactoredMatrix(A, B)
+        eye = torch.eye(self.cfg.d_model, device=A.device, dtype=A.dtype).expand(*A.shape[:2], -1, -1)
+        return FactoredMatrix(torch.cat([A, getattr(self, scalar)[..., None, None] * eye], -1), torch.cat([B, eye], -2))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
         """(d_model,) the attention (and MLP) output biases written before ``layer``'s attention (its MLP with

@@ -27,7 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from legointerp.evaluate import Inference, clause_logits
-from legointerp.model import require_pre_ln
+from legointerp.model import require_pre_ln, require_writes_at_z
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, C) -> scalar
@@ -159,6 +159,7 @@ def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 102
     ``(z_clean - z_corrupted) @ W_O[h]`` and the MLP's answer to it there: so that position's residual stream is
     formed directly and the run starts at block l + 1 (for the last layer, only the read-out remains)."""
     require_pre_ln(model.cfg, "head patching")
+    require_writes_at_z(model.cfg, "head patching")
     clean, corrupted = _caches(model, pair, ("attn.hook_z", "hook_resid_mid", "hook_resid_post"))
     engine, readout, patterns = Inference(model), pair.clean.clause_pos, model.fixed_patterns(pair.corrupted.tokens)
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -190,6 +191,8 @@ def attribution(model, pair: PatchingPair, metric: Metric, steps: int = 1, heads
     gets its exact effect, as the steps grow."""
     if steps < 1:
         raise LegoError(f"steps={steps}: attribution needs at least one gradient step")
+    if heads:
+        require_writes_at_z(model.cfg, "head attribution")
     hooks = ("hook_resid_pre", "attn.hook_z") if heads else ("hook_resid_pre",)
     with torch.no_grad():
         clean, corrupted = _caches(model, pair, hooks)

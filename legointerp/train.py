@@ -59,6 +59,7 @@ class TrainConfig:
     hardcoded: tuple[str | None, ...] = ()  # per head index: a fixed pattern (model.HARDCODED) or None (learned)
     norm: str = "pre"  # LayerNorm placement: "pre" (GPT-2-like) or "post" (BERT/ALBERT)
     d_embed: int | None = None  # ALBERT's factorised embedding width (post-LN only; None: d_model)
+    identity_attention: bool = False  # +aI/+bI: two trainable scalars per head (model.Attention)
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -86,7 +87,7 @@ class TrainConfig:
         return ModelConfig(d_vocab=task.d_vocab, d_vocab_out=task.n_classes, n_ctx=task.n_ctx, d_model=self.d_model,
                            n_heads=self.n_heads, n_layers=self.n_layers, d_mlp=self.d_mlp, tied=self.tied,
                            min_depth=self.min_depth, hardcoded=self.hardcoded, variable_offset=task.variable_offset,
-                           norm=self.norm, d_embed=self.d_embed)
+                           norm=self.norm, d_embed=self.d_embed, identity_attention=self.identity_attention)
 
     def loss_mask(self) -> torch.Tensor:
         return supervision_mask(self.n, self.n_tr, list(self.supervised) if self.supervised is not None else None)

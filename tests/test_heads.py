@@ -137,3 +137,31 @@ def test_hardcoded_heads_are_labelled_with_their_fixed_pattern_and_ablate(task):
     assert frame.query("head == 0")["label"].eq("association").all()
     assert frame.query("head == 1")["label"].eq("manipulation").all()
     assert frame[["mean_drop", "resample_drop", "truncated_drop"]].notna().all().all()
+
+
+def test_ablation_removes_the_identity_copy_of_plus_b_i_heads_too(task):
+    from legointerp.model import ConfigError
+    from legointerp.patching import flip_sign, normalised_metric, patch_head_z
+
+    model = small_model(task, n_layers=2, identity_attention=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.3 * torch.randn_like(p)  # nonzero a and b, answers that depend on the heads
+    batch = task.sample(128, torch.Generator().manual_seed(3))
+    drops = classify_heads(model, batch, task).drops["mean"]
+
+    def accuracy(logits):
+        return (logits.gather(1, batch.clause_pos[..., None].expand(-1, -1, 2)).argmax(-1) == batch.values).float().mean(0)
+
+    def mean_ablate(activation, hook):
+        activation[:, :, 0] = activation[:, :, 0].mean(0, keepdim=True)
+        return activation
+
+    with torch.no_grad():
+        both = model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.0.attn.hook_z", mean_ablate),
+                                                             ("blocks.0.attn.hook_identity_out", mean_ablate)])
+        expected = accuracy(model(batch.tokens)) - accuracy(both)
+    assert np.allclose(drops.loc["L0H0"].to_numpy(), expected.numpy(), atol=1e-6)
+    pair = flip_sign(task, batch, 1)
+    with pytest.raises(ConfigError, match="hook_identity_out"):
+        patch_head_z(model, pair, normalised_metric(model, pair))

@@ -376,3 +376,148 @@ def test_post_ln_trains_from_the_command_line(tmp_path, capsys, one_thread):
                  "--eval-size", "16", "--mimic-steps", "0", "--no-curriculum", "--out", str(out), "--quiet"]) == 0
     model, _, checkpoint = load_model(out)
     assert model.cfg.norm == "post" and model.cfg.d_embed == 16 and model.cfg.tied and len(checkpoint.accuracy) == 6
+
+
+# ---------------------------------------------------------------------------- +aI / +bI attention (issue 11, section 4)
+def identity_model(task, seed: int = 5, **overrides):
+    """A model with +aI/+bI attention whose a and b are set away from zero (per head, per layer)."""
+    model = small_model(task, identity_attention=True, **overrides)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.a_I.copy_(torch.randn(4, generator=generator))
+            block.attn.b_I.copy_(torch.randn(4, generator=generator))
+    return model
+
+
+def materialised(model):
+    """Hooks that make every layer form its pattern (no fused kernel) and change nothing."""
+    return model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", lambda p, hook: p) for l in range(model.cfg.n_layers)])
+
+
+def test_identity_attention_with_zero_scalars_is_the_plain_model(task):
+    plain, identity = small_model(task), small_model(task, identity_attention=True)
+    added = {f"blocks.{layer}.attn.{scalar}" for layer in range(3) for scalar in ("a_I", "b_I")}
+    assert set(identity.state_dict()) - set(plain.state_dict()) == added
+    batch = task.sample(6, torch.Generator().manual_seed(0), min_length=2)
+    with materialised(plain):
+        expected = plain(batch.tokens, batch.attention_mask)
+    assert torch.equal(identity(batch.tokens, batch.attention_mask), expected)
+    assert torch.allclose(plain(batch.tokens, batch.attention_mask), expected, atol=1e-5)  # the fused kernel, rounded
+
+
+def reference_attention(attn, x, mask):
+    """The paper's formula written out: softmax(x (W_Q W_K^T + a I) x^T / sqrt(E) with biases), then pattern x
+    (W_V W_O + b I), per head.  x: (B, P, D); mask: (B, P) bool.  Returns (B, P, D)."""
+    E = attn.cfg.d_head
+    out = attn.b_O.expand_as(x).clone()
+    for h in range(attn.cfg.n_heads):
+        q, k = x @ attn.W_Q[h] + attn.b_Q[h], x @ attn.W_K[h] + attn.b_K[h]
+        scores = (q @ k.mT + attn.a_I[h] * x @ x.mT) / E ** 0.5
+        pattern = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        out += pattern @ (x @ attn.W_V[h] + attn.b_V[h]) @ attn.W_O[h] + attn.b_I[h] * pattern @ x
+    return out
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_identity_attention_follows_the_formula_and_its_hooks_hold_the_whole_output(task, norm):
+    model = identity_model(task, norm=norm)
+    batch = task.sample(5, torch.Generator().manual_seed(1), min_length=2)
+    mask = batch.attention_mask
+    logits, cache = model.run_with_cache(batch.tokens, mask)
+    assert torch.allclose(model(batch.tokens, mask), logits, atol=1e-5)  # summed copy == per-head copy
+    for layer in range(3):
+        block = model.blocks[layer]
+        x = cache["resid_pre", layer] if norm == "post" else block.ln1(cache["resid_pre", layer])
+        expected = reference_attention(block.attn, x, mask)
+        assert torch.allclose(cache["attn_out", layer], expected, atol=1e-5), layer
+        copied = cache[f"blocks.{layer}.attn.hook_identity_out"]
+        assert copied.shape == (5, task.n_ctx, 4, 32) and copied.abs().sum() > 0
+        written = torch.einsum("bphe,hed->bpd", cache["z", layer], block.attn.W_O) + block.attn.b_O
+        assert torch.allclose(written + copied.sum(2), cache["attn_out", layer], atol=1e-5)
+        assert not torch.allclose(written, cache["attn_out", layer], atol=1e-3)  # hook_z alone misses the copy
+    model.set_use_attn_result(True)
+    _, with_result = model.run_with_cache(batch.tokens, mask)
+    heads = with_result["blocks.1.attn.hook_result"].sum(2) + model.blocks[1].attn.b_O
+    assert torch.allclose(heads, cache["attn_out", 1], atol=1e-5)  # each head's whole write, copy included
+    QK = model.QK.AB[1, 2]
+    assert torch.allclose(QK, model.W_Q[1, 2] @ model.W_K[1, 2].T + model.a_I[1, 2] * torch.eye(32), atol=1e-6)
+
+
+def test_ablating_the_identity_hook_removes_the_copy(task):
+    model = identity_model(task)
+    tokens = task.sample(3, torch.Generator().manual_seed(2)).tokens
+    _, cache = model.run_with_cache(tokens)
+    zero = lambda copied, hook: torch.zeros_like(copied)  # noqa: E731
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_identity_out", zero)]):
+        _, ablated = model.run_with_cache(tokens, names_filter="blocks.0.hook_attn_out")
+    assert torch.allclose(ablated["blocks.0.hook_attn_out"],
+                          cache["attn_out", 0] - cache["blocks.0.attn.hook_identity_out"].sum(2), atol=1e-5)
+
+
+def test_identity_scalars_learn_and_round_trip(task, tmp_path):
+    model = small_model(task, identity_attention=True, tied=True).train()
+    model(task.sample(4, torch.Generator().manual_seed(0)).tokens).square().sum().backward()
+    assert model.blocks[0].attn.a_I.grad.abs().min() > 0 and model.blocks[0].attn.b_I.grad.abs().min() > 0
+    assert model.blocks[2].attn.b_I is model.blocks[0].attn.b_I  # tied: one pair per head for every iteration
+    model = identity_model(task).eval()
+    tokens = task.sample(3, torch.Generator().manual_seed(0)).tokens
+    path = save_checkpoint(Checkpoint(model.cfg, task.config, model.state_dict()), tmp_path / "identity.pt")
+    loaded, _, _ = load_model(path)
+    assert loaded.cfg.identity_attention and torch.equal(loaded.a_I, model.a_I) and torch.equal(loaded(tokens), model(tokens))
+    payload = torch.load(path, weights_only=True)  # a checkpoint older than the option: plain attention
+    learned = small_model(task)
+    payload.update(model_config={k: v for k, v in learned.cfg.to_dict().items() if k != "identity_attention"},
+                   state_dict=learned.state_dict(), sha256=None)
+    torch.save(payload, tmp_path / "old.pt")
+    assert not load_model(tmp_path / "old.pt")[0].cfg.identity_attention
+
+
+@pytest.mark.parametrize("hardcoded", [(), ("association", "manipulation", None, None)])
+def test_the_fast_engine_computes_identity_attention(task, hardcoded):
+    from legointerp.evaluate import Inference, predict
+
+    model = identity_model(task, hardcoded=hardcoded, variable_offset=task.variable_offset)
+    batch = task.sample(32, torch.Generator().manual_seed(4), min_length=2)
+    engine = Inference(model)
+    fast = engine.run(engine.embed(batch.tokens), batch.clause_pos, key_mask=batch.attention_mask[:, None, None, :],
+                      patterns=model.fixed_patterns(batch.tokens))
+    with torch.no_grad():
+        expected = clause_logits(model(batch.tokens, batch.attention_mask), batch)
+        plain = small_model(task, hardcoded=hardcoded, variable_offset=task.variable_offset)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(("a_I", "b_I"))})
+        assert not torch.allclose(clause_logits(plain(batch.tokens, batch.attention_mask), batch), expected, atol=1e-3)
+    assert torch.allclose(fast, expected, atol=1e-5)
+    assert torch.equal(predict(model, batch, batch_size=7), expected.argmax(-1))
+
+
+def test_identity_attention_flops_and_the_bridge(task):
+    model = small_model(task, identity_attention=True, d_mlp=128)
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook: None) for layer in range(3)]
+
+    def counted(size: int) -> int:
+        with FlopCounterMode(display=False) as flops, model.hooks(fwd_hooks=hooks):
+            model(task.sample(size, torch.Generator().manual_seed(0)).tokens)
+        return flops.get_total_flops()
+
+    assert (counted(8) - counted(4)) / 4 == pytest.approx(forward_flops(model.cfg), rel=0.02)
+    assert forward_flops(model.cfg) > forward_flops(ModelConfig(**{**model.cfg.to_dict(), "identity_attention": False}))
+    tokens = task.sample(2, torch.Generator().manual_seed(0)).tokens
+    assert torch.allclose(to_bridge(model)(tokens), model(tokens), atol=1e-5)  # a = b = 0: the plain model, exactly held
+    with pytest.raises(LegoInterpError, match=r"\+aI/\+bI"):
+        to_bridge(identity_model(task))
+
+
+def test_identity_attention_trains_from_the_command_line_and_its_heads_classify(task, tmp_path, one_thread):
+    from legointerp.cli import main
+    from legointerp.heads import classify_heads
+
+    out = tmp_path / "identity.pt"
+    assert main(["train", "--identity-attention", "--length", "6", "--d-model", "32", "--n-layers", "2", "--d-mlp", "64",
+                 "--steps", "30", "--warmup", "5", "--batch-size", "32", "--eval-every", "30", "--eval-size", "32",
+                 "--mimic-steps", "0", "--no-curriculum", "--out", str(out), "--quiet"]) == 0
+    model, trained_task, checkpoint = load_model(out)
+    assert model.cfg.identity_attention and checkpoint.train_config["identity_attention"] and len(checkpoint.accuracy) == 6
+    assert model.a_I.abs().min() > 0 and model.b_I.abs().min() > 0  # trained away from their zero start
+    report = classify_heads(model, trained_task.sample(24, torch.Generator().manual_seed(0)), trained_task)
+    assert len(report.scores) == 2 * model.cfg.n_heads and report.scores["mean_drop"].notna().all()
