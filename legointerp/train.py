@@ -34,6 +34,7 @@ from legointerp.files import OutputLock, atomic_write, prepare_output, remove_st
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig, forward_flops
 from legointerp.options import check_train_config, resolve_device
 from legointerp.patterns import association_mask, manipulation_mask, row_normalised
+from legointerp.pretrained import MINILM_SHAPE, load_minilm
 from legointerp.task import PAD, LegoBatch, LegoTask, TaskConfig, supervision_mask
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     norm: str = "pre"  # LayerNorm placement: "pre" (GPT-2-like) or "post" (BERT/ALBERT)
     d_embed: int | None = None  # ALBERT's factorised embedding width (post-LN only; None: d_model)
     identity_attention: bool = False  # +aI/+bI: two trainable scalars per head (model.Attention)
+    init: str = "random"  # or "minilm": all-MiniLM-L6-v2's encoder (pretrained.load_minilm), its shape by default
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -78,6 +80,12 @@ class TrainConfig:
     save_every: int = 1000
 
     def __post_init__(self):
+        if self.init == "minilm":
+            # shape fields left at their defaults take MiniLM's; check_train_config names any other value
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in MINILM_SHAPE.items():
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
         check_train_config(self)
 
     def task_config(self) -> TaskConfig:
@@ -329,6 +337,8 @@ class Trainer:
         self.loss_mask = config.loss_mask()
         torch.manual_seed(config.seed)
         self.model = LegoTransformer(config.model_config(self.task)).to(self.device)
+        if config.init == "minilm" and not resume:
+            load_minilm(self.model, self.task)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step, self.elapsed, self.saved_step = 0, 0.0, None
         self.longest = config.curriculum_start if config.curriculum else config.n
