@@ -16,7 +16,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from tqdm.auto import tqdm
 

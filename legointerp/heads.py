@@ -129,10 +129,12 @@ def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, 
     real = batch.tokens != PAD
     n_real = real.sum(-1, keepdim=True).float()  # (B, 1)
     lifts, summaries = np.full((n_layers, n_heads, len(ROLES), len(KINDS)), np.nan), []
+    layer_masks = []  # per layer: (kind masks, query roles), reused to tell mixed heads apart
     for layer in range(n_layers):
         pattern = patterns[layer].transpose(0, 1)  # (H, B, Q, K)
         roles = query_roles(batch, layer).float()
         masks = kind_masks(batch, task, layer)
+        layer_masks.append((list(masks.values()), roles.bool()))
         mass = torch.stack([torch.einsum("hbqk,bqk->hbq", pattern, m.float()) for m in masks.values()])  # (K, H, B, Q)
         for k, m in enumerate(masks.values()):
             weights = roles * m.any(-1)
@@ -147,7 +149,7 @@ def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, 
     for layer in range(n_layers):
         for head in range(n_heads):
             entropy, self_mass = (float(summary[head]) for summary in summaries[layer])
-            label, role, lift = _label(lifts[layer, head], patterns[layer][:, head], batch, task, layer, entropy)
+            label, role, lift = _label(lifts[layer, head], patterns[layer][:, head], layer_masks[layer], entropy)
             records.append({"layer": layer, "head": head, "label": label, "role": role, "lift": lift,
                             "self": self_mass, "entropy": entropy,
                             **{kind: float(np.nanmax(np.append(lifts[layer, head, :, k], -np.inf)))
@@ -157,9 +159,10 @@ def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, 
     return frame, lifts
 
 
-def _label(lifts: np.ndarray, pattern: torch.Tensor, batch: LegoBatch, task: LegoTask, layer: int,
+def _label(lifts: np.ndarray, pattern: torch.Tensor, masks: tuple[list[torch.Tensor], torch.Tensor],
            entropy: float) -> tuple[str, str, float]:
-    """(label, role, lift) of one head from its (R, K) lifts; ``pattern``: (B, Q, K)."""
+    """(label, role, lift) of one head from its (R, K) lifts; ``pattern``: (B, Q, K); ``masks``: the layer's kind
+    masks (B, Q, K) in KINDS order and query roles (R, B, Q)."""
     broadcast = KINDS.index("broadcast")
     working = lifts.copy()
     working[:, broadcast] = np.nan
@@ -176,11 +179,11 @@ def _label(lifts: np.ndarray, pattern: torch.Tensor, batch: LegoBatch, task: Leg
     role, kind = min(near_best, key=lambda pair: (pair[1], -working[pair[0], pair[1]]))  # the first kind in KINDS
     rivals = [k for k in range(len(KINDS)) if k not in (kind, broadcast) and working[role, k] >= MIXED_SHARE]
     if rivals:
-        masks = list(kind_masks(batch, task, layer).values())
-        queries = query_roles(batch, layer)[role]
+        kinds, roles = masks
+        queries = roles[role]
         for rival in rivals:
-            own = (masks[kind] & ~masks[rival]).float()
-            theirs = (masks[rival] & ~masks[kind]).float()
+            own = (kinds[kind] & ~kinds[rival]).float()
+            theirs = (kinds[rival] & ~kinds[kind]).float()
             share_own = (pattern * own).sum(-1)[queries].mean()
             share_theirs = (pattern * theirs).sum(-1)[queries].mean()
             if min(float(share_own), float(share_theirs)) >= MIXED_SHARE:

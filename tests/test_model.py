@@ -235,15 +235,6 @@ def test_hardcoded_option_on_the_command_line_and_the_bridge(task, capsys, tmp_p
         to_bridge(hardcoded_model(task))
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matrices: a second thread only adds synchronisation, which on a busy machine costs ~50x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_with_association_and_manipulation_fixed_learns_the_first_step(tmp_path, one_thread):
     config = TrainConfig(n=6, d_model=32, n_heads=4, n_layers=3, d_mlp=64, hardcoded=("association", "manipulation", None, None),
                          mimic_steps=0, steps=100, batch_size=64, warmup=20, lr=3e-3, eval_every=100, eval_size=100,

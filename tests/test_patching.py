@@ -13,7 +13,7 @@ from legointerp.checkpoint import Checkpoint, save_checkpoint
 from legointerp.cli import main as cli_main
 from legointerp.evaluate import Inference, clause_logits, encode, predict, prediction_frame
 from legointerp.hooked import to_bridge
-from legointerp.patching import (PatchingResult, attribution, flip_root, flip_sign, normalised_metric, patch,
+from legointerp.patching import (attribution, flip_root, flip_sign, normalised_metric, patch,
                                  patch_head_z, patch_resid_pre)
 from legointerp.task import LegoError
 from tests.conftest import small_model

@@ -10,7 +10,6 @@ from legointerp.model import ConfigError, LegoTransformer
 from legointerp.pretrained import MINILM_SHAPE, PretrainedError, load_minilm, minilm_dir, minilm_state_dict
 from legointerp.task import LegoTask
 from legointerp.train import TrainConfig
-from tests.test_model import one_thread  # noqa: F401 (a fixture)
 
 
 def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
