@@ -23,7 +23,7 @@ from legointerp.checkpoint import BUNDLED, load_model
 from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.model import forward_flops
-from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file
+from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file, output_folder
 from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log
 
 EXIT_BAD_INPUT = 2
@@ -577,6 +577,52 @@ def _add_import(sub) -> None:
     parser.set_defaults(run=_import)
 
 
+# ---------------------------------------------------------------------------- replicate
+def _replicate(args) -> None:
+    from legointerp.replicate import FINDINGS, SCALES, finding_figure, first_seed_logs, replicate, write_table
+    from legointerp.report import write_html
+
+    keys = list(FINDINGS) if "all" in args.findings else list(dict.fromkeys(args.findings))
+    scale = replace(SCALES[args.scale], device=args.device, seeds=tuple(range(args.seeds)))
+    command = " ".join(["legointerp", *sys.argv[1:]]) if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
+    rows = []
+    for key in keys:
+        row = replicate(key, scale, args.runs, args.out, jobs=args.jobs, command=command)
+        figure = finding_figure(row, first_seed_logs(row, args.out))
+        write_html(figure.to_html(include_plotlyjs="cdn"), args.out / f"{key}.html")
+        if args.png:
+            figure.write_image(args.out / f"{key}.png", scale=1.5)
+        rows.append(row)
+        print(f"{key}: reproduced {row['verdict']}: {row['ours']}", file=sys.stderr)
+    table = write_table(args.out)
+    frame = pd.DataFrame([{k: row[k] for k in ("finding", "verdict", "ours", "cpu_minutes")} for row in rows])
+    _emit(args, frame, {"table": str(table), "rows": rows})
+
+
+def _add_replicate(sub) -> None:
+    from legointerp.replicate import FINDINGS, SCALES
+
+    parser = sub.add_parser("replicate", help="reproduce one of the paper's findings: trainings, analyses, a figure and a table row",
+                            description="Train every run a finding needs (finished runs are reused, interrupted ones "
+                                        "resumed), read them through the head classifier, probes and shortcut detector, "
+                                        "and write OUT/FINDING.json, OUT/FINDING.html (and .png), the runs' logs and "
+                                        "the table OUT.md. Findings: " + "; ".join(f"{k}: {f.title}" for k, f in FINDINGS.items()))
+    parser.add_argument("findings", nargs="+", choices=[*FINDINGS, "all"], metavar="FINDING",
+                        help=f"one or more of {', '.join(FINDINGS)}, or all")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                        help="cpu (n=6, small models, minutes per run) or paper (n=12, BERT-base width, for a GPU)")
+    parser.add_argument("--seeds", type=COUNT, default=3, help="seeds per arm (default: 3)")
+    parser.add_argument("--jobs", type=COUNT, default=1, help="trainings at once, sharing the CPU's threads (default: 1)")
+    parser.add_argument("--runs", type=output_folder, default=Path("replication-runs"),
+                        help="folder for the runs' checkpoints and logs (default: replication-runs)")
+    parser.add_argument("--out", type=output_folder, default=Path("replication"),
+                        help="folder for rows, figures and shipped logs; the table goes to OUT.md (default: replication)")
+    parser.add_argument("--png", action="store_true", help="also write each figure as PNG (needs kaleido and Chromium)")
+    parser.add_argument("--device", type=DEVICE, default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    _add_format(parser)
+    parser.set_defaults(run=_replicate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="legointerp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -586,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyses(sub)
     _add_zoo(sub)
     _add_import(sub)
+    _add_replicate(sub)
     return parser
 
 

@@ -235,3 +235,12 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot write in folder {folder} ({err.strerror}): choose a folder you can "
                                          "write to") from None
     return path
+
+
+def output_folder(text: str) -> Path:
+    """argparse ``type`` for a folder to write into (made if missing): refused now if it is a file or cannot be written."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder: name a folder (it is created if missing)")
+    output_file(str(path / "probe"))  # the same checks as for a file written inside it
+    return path

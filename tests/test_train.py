@@ -318,11 +318,11 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
     seen = {"depth": [], "tokens": []}
     forward = LegoTransformer.forward
 
-    def recording(self, tokens, attention_mask=None, n_layers=None, start_at_layer=None):
+    def recording(self, tokens, attention_mask=None, n_layers=None, start_at_layer=None, **kwargs):
         if self.training:
             seen["depth"].append(n_layers)
             seen["tokens"].append(tokens.clone())
-        return forward(self, tokens, attention_mask, n_layers, start_at_layer)
+        return forward(self, tokens, attention_mask, n_layers, start_at_layer, **kwargs)
 
     LegoTransformer.forward = recording
     straight = Trainer(DDP, f"{folder}/a.pt", progress=False).fit()
