@@ -35,7 +35,7 @@ from legointerp.files import atomic_write
 from legointerp.heads import classify_heads
 from legointerp.plots import training_curves_figure
 from legointerp.model import LegoTransformer
-from legointerp.probes import percolation
+from legointerp.probes import percolation, resolution_layers
 from legointerp.shortcut import first_learned, learned_level, middle_depths, detect_shortcut
 from legointerp.train import TrainConfig, Trainer, log_path, read_log
 
@@ -262,12 +262,14 @@ def r1(runs, scale):
 
 
 def _head_counts(report, tied: bool) -> dict:
+    """Heads labelled association / manipulation / broadcast and, where ablated, the most accuracy one of the
+    association or manipulation heads costs (ablated at every iteration in a tied model)."""
     frame = report.scores
-    drop = frame["every_iteration_drop"] if tied and "every_iteration_drop" in frame else frame["mean_drop"]
+    column = "every_iteration_drop" if tied and "every_iteration_drop" in frame else "mean_drop"
     counts = {kind: int((frame["label"] == kind).sum()) for kind in ("association", "manipulation", "broadcast")}
     key = frame["label"].isin(["association", "manipulation"])
     return {**counts, "heads": len(frame), "labels": frame["label"].tolist(),
-            "max_drop": float(drop[key].max()) if key.any() else None}
+            "max_drop": float(frame.loc[key, column].max()) if key.any() and column in frame else None}
 
 
 def r2(runs, scale):
@@ -293,10 +295,10 @@ def r3(runs, scale):
     for arm in ("albert", "bert"):
         for run in runs[arm]:
             model, task, batch = _analysis_batch(run, scale)
-            result = percolation(model, batch, task, seed=run.seed)
-            control = percolation(_untrained(run), batch, task, control=False, seed=run.seed)
+            result = percolation(model, batch, task, seed=run.seed)  # with its random-init control
             models.append({"arm": arm, "seed": run.seed, "resolution": result.resolution_layer,
-                           "linearity": result.linearity, "control_resolution": control.resolution_layer,
+                           "linearity": result.linearity,
+                           "control_resolution": resolution_layers(result.control, result.threshold),
                            "last_layer": result.accuracy[-1].tolist()})
     rho = {arm: summary([m["linearity"] for m in models if m["arm"] == arm]) for arm in ("albert", "bert")}
     control_depths = max(sum(layer is not None for layer in m["control_resolution"]) for m in models)
@@ -486,7 +488,7 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------------------- figure and table
-ARM_COLOURS = dict(zip(ARMS, qualitative.D3))
+ARM_COLOURS = dict(zip(ARMS, qualitative.D3 + qualitative.Set2))
 
 
 def _accuracy_panel(figure: go.Figure, row: dict, arms: tuple[str, ...], column: int) -> None:
@@ -506,9 +508,10 @@ def _accuracy_panel(figure: go.Figure, row: dict, arms: tuple[str, ...], column:
                         row=1, col=column)
 
 
-def _curves_panel(figure: go.Figure, logs: dict[str, list[dict]], arm: str, column: int, legend: bool) -> None:
-    """The report's training curves (test accuracy per position against sentences) of ``arm``'s first seed."""
-    for trace in training_curves_figure(logs[arm]).data:
+def _curves_panel(figure: go.Figure, row: dict, logs: dict[str, list[dict]], arm: str, column: int, legend: bool) -> None:
+    """The report's training curves (test accuracy per position against sentences, unsupervised positions dashed)
+    of ``arm``'s first seed."""
+    for trace in training_curves_figure(logs[arm], supervised=row["arms"][arm]["supervised"]).data:
         if trace.yaxis != "y2":  # the curriculum's step: these runs have none
             figure.add_trace(trace.update(showlegend=legend, legendgroup=trace.name), row=1, col=column)
     figure.update_yaxes(title_text=f"test accuracy ({arm})", range=[0.3, 1.03], row=1, col=column)
@@ -526,7 +529,7 @@ def _heads_panel(figure: go.Figure, row: dict, column: int) -> None:
     figure.add_trace(go.Scatter(x=names, y=[m["trained"]["max_drop"] for m in models], mode="markers", yaxis="y2",
                                 name="accuracy lost ablating them (right axis)", marker=dict(color="black", size=9, symbol="diamond")),
                      row=1, col=column, secondary_y=True)
-    figure.update_yaxes(title_text="heads with the label", row=1, col=column, secondary_y=False)
+    figure.update_yaxes(title_text="(layer, head) sites with the label", row=1, col=column, secondary_y=False)
     figure.update_yaxes(title_text="largest ablation drop", range=[0, 1], row=1, col=column, secondary_y=True)
 
 
@@ -562,7 +565,7 @@ def finding_figure(row: dict, logs: dict[str, list[dict]]) -> go.Figure:
         if kind == "accuracy":
             _accuracy_panel(figure, row, finding.compare, column)
         elif kind == "curves":
-            _curves_panel(figure, logs, arm, column, legend=arm == finding.curves[0])
+            _curves_panel(figure, row, logs, arm, column, legend=arm == finding.curves[0])
         elif kind == "heads":
             _heads_panel(figure, row, column)
         else:
@@ -610,7 +613,9 @@ def table(out: Path) -> str:
                      f"{row['cpu_minutes']:.0f} CPU-min in all | **{row['verdict']}** |")
     for row in rows:
         lines += ["", f"### {row['finding']}", "", f"![{row['finding']}]({out.name}/{row['finding']}.png)", "",
-                  f"Rule: {row['rule']}.", "", f"Rerun from scratch: `{row['command']}`"]
+                  f"Rule: {row['rule']}.", "",
+                  f"Rerun from scratch: `legointerp replicate {row['finding']} --scale {row['scale']['name']} --jobs 2 "
+                  f"--out {out}` (finished runs under `--runs` are reused). This row was made by `{row['command']}`."]
     return "\n".join(lines + ["", TABLE_END])
 
 
