@@ -404,25 +404,20 @@ class LegoTransformer(HookedRootModule):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
-                source_tokens: torch.Tensor | None = None, position_offset: torch.Tensor | None = None) -> torch.Tensor:
+                source_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
-        ids it came from, which a model with hardcoded heads needs for their patterns; position_offset: (B,) long,
-        sentence b takes positions offset_b .. offset_b + P - 1 (the curriculum's short sentences, so that every
-        position embedding trains).  Returns logits (B, P, d_vocab_out)."""
+        ids it came from, which a model with hardcoded heads needs for their patterns.  Returns logits (B, P, d_vocab_out)."""
         P = tokens.shape[1]
-        last = P if position_offset is None else P + int(position_offset.max())
-        if last > self.cfg.n_ctx:
+        if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
         if start_at_layer is None:
             source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)
             # a broadcast view, so the hook sees TransformerLens's (B, P, D) and decompose_resid can stack it with embed
-            positions = (self.pos_embed.W_pos[:P].expand_as(embed) if position_offset is None
-                         else self.pos_embed.W_pos[position_offset[:, None] + torch.arange(P, device=tokens.device)])
-            resid = embed + self.hook_pos_embed(positions)
+            resid = embed + self.hook_pos_embed(self.pos_embed.W_pos[:P].expand_as(embed))
             if self.cfg.norm == "post":
                 resid = self.ln_embed(resid)
             if self.cfg.d_embed is not None:

@@ -32,7 +32,7 @@ from legointerp.checkpoint import load_model
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import test_batch
 from legointerp.files import atomic_write
-from legointerp.heads import classify_heads
+from legointerp.heads import COLOURS as HEAD_COLOURS, classify_heads
 from legointerp.plots import training_curves_figure
 from legointerp.model import LegoTransformer
 from legointerp.probes import percolation, resolution_layers
@@ -519,17 +519,23 @@ def _curves_panel(figure: go.Figure, row: dict, logs: dict[str, list[dict]], arm
 
 
 def _heads_panel(figure: go.Figure, row: dict, column: int) -> None:
+    """Per model, trained beside its untrained twin: (layer, head) sites stacked by the head classifier's label;
+    diamonds: the most accuracy one association or manipulation head costs when ablated."""
     models = row["numbers"]["models"]
     names = [f"{m['arm']} s{m['seed']}" for m in models]
-    for kind, colour in (("association", "#e45756"), ("manipulation", "#4c78a8")):
-        for state, pattern in (("trained", ""), ("untrained", "/")):
-            figure.add_trace(go.Bar(x=names, y=[m[state][kind] for m in models], name=f"{kind} ({state})",
-                                    marker=dict(color=colour, pattern_shape=pattern, opacity=1 if state == "trained" else 0.4)),
-                             row=1, col=column)
-    figure.add_trace(go.Scatter(x=names, y=[m["trained"]["max_drop"] for m in models], mode="markers", yaxis="y2",
-                                name="accuracy lost ablating them (right axis)", marker=dict(color="black", size=9, symbol="diamond")),
+    x = [[name for name in names for _ in (0, 1)], ["trained", "untrained"] * len(names)]
+    labels = [m[state]["labels"] for m in models for state in ("trained", "untrained")]
+    for label, colour in HEAD_COLOURS.items():
+        counts = [site_labels.count(label) for site_labels in labels]
+        if any(counts):
+            figure.add_trace(go.Bar(x=x, y=counts, name=label, marker_color=colour,
+                                    hovertemplate=f"%{{x}}: %{{y}} {label}<extra></extra>"), row=1, col=column)
+    figure.add_trace(go.Scatter(x=[[name for name in names], ["trained"] * len(names)],
+                                y=[m["trained"]["max_drop"] for m in models], mode="markers",
+                                name="accuracy lost ablating one (right axis)",
+                                marker=dict(color="black", size=9, symbol="diamond")),
                      row=1, col=column, secondary_y=True)
-    figure.update_yaxes(title_text="(layer, head) sites with the label", row=1, col=column, secondary_y=False)
+    figure.update_yaxes(title_text="(layer, head) sites by label", row=1, col=column, secondary_y=False)
     figure.update_yaxes(title_text="largest ablation drop", range=[0, 1], row=1, col=column, secondary_y=True)
 
 
@@ -571,8 +577,8 @@ def finding_figure(row: dict, logs: dict[str, list[dict]]) -> go.Figure:
         else:
             _resolution_panel(figure, row, column)
     figure.update_layout(title=f"{row['finding']}: {row['title']} ({row['scale']['name']} scale) — reproduced: {row['verdict']}",
-                         template="plotly_white", height=430, width=520 * len(panels) + 200, barmode="group",
-                         legend=dict(font_size=10))
+                         template="plotly_white", height=430, width=520 * len(panels) + 200,
+                         barmode="stack" if panels == [("heads", None)] else "group", legend=dict(font_size=10))
     return figure
 
 

@@ -399,16 +399,10 @@ class Trainer:
         would make the host wait for the GPU."""
         config = self.config
         shortest = None if config.min_length is None else min(config.min_length, self.longest)
-        generator = step_generator(config.seed, self.step, self.rank)
-        batch = self.task.sample(config.batch_size // self.world, generator, n=self.longest, min_length=shortest)
+        batch = self.task.sample(config.batch_size // self.world, step_generator(config.seed, self.step, self.rank),
+                                 n=self.longest, min_length=shortest)
         depth = self.model.sample_depth(depth_generator(config.seed, self.step))
         supervised = batch.valid & self.loss_mask[: self.longest]
-        # a sentence cut short by the curriculum sits at a random place in the position table: at position 0
-        # only, the later positions' embeddings stayed untrained and full-length test sentences stayed at
-        # chance until the curriculum reached n
-        slack = self.task.n_ctx - batch.tokens.shape[1]
-        offset = (torch.randint(slack + 1, (len(batch),), generator=generator)
-                  if slack else None)
         # the loss is the mean over every supervised answer of the step on all ranks, not a mean of per-rank
         # means; DDP averages gradients over ranks, hence the division by count / world
         count = supervised.sum().float()
@@ -423,8 +417,7 @@ class Trainer:
                  if self.step < config.mimic_steps else [])
         with self.model.hooks(fwd_hooks=hooks), torch.autocast(self.device.type, torch.bfloat16,
                                                                 enabled=self.device.type == "cuda"):
-            out = self.forward(batch.tokens, batch.attention_mask if padded else None, depth,
-                               position_offset=None if offset is None else offset.to(self.device))
+            out = self.forward(batch.tokens, batch.attention_mask if padded else None, depth)
             logits = clause_logits(out, batch).float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none")
             loss = (nll * supervised.float()).sum() / (max(float(count), 1.0) / self.world)
