@@ -14,9 +14,8 @@ on the mean and on every seed, ``partly`` when it holds on the mean only or for 
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -33,10 +32,10 @@ from legointerp.errors import LegoInterpError
 from legointerp.evaluate import test_batch
 from legointerp.files import atomic_write
 from legointerp.heads import COLOURS as HEAD_COLOURS, classify_heads
-from legointerp.plots import training_curves_figure
 from legointerp.model import LegoTransformer
+from legointerp.plots import training_curves_figure
 from legointerp.probes import percolation, resolution_layers
-from legointerp.shortcut import first_learned, learned_level, middle_depths, detect_shortcut
+from legointerp.shortcut import detect_shortcut, first_learned, learned_level, middle_depths
 from legointerp.train import TrainConfig, Trainer, log_path, read_log
 
 REPLICATION_DIR = Path(__file__).resolve().parent.parent / "docs" / "replication"
