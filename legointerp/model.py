@@ -50,7 +50,7 @@ TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stac
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -561,3 +561,12 @@ class LegoTransformer(HookedRootModule):
         if self.cfg.min_depth is None:
             return self.cfg.n_layers
         return int(torch.randint(self.cfg.min_depth, self.cfg.n_layers + 1, (1,), generator=generator))
+
+
+def random_twin(model: LegoTransformer, seed: int) -> LegoTransformer:
+    """A freshly initialised model of ``model``'s config, on its device, in eval mode: the control for an analysis
+    that must show a trained model's answer is not in the architecture.  ``seed`` fixes it without disturbing the
+    caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LegoTransformer(replace(model.cfg)).to(next(model.parameters()).device).eval()

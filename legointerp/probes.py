@@ -9,7 +9,6 @@ step per layer gives 1).  The same probes on a randomly initialised model of the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from legointerp.model import LegoTransformer
+from legointerp.model import random_twin
 from legointerp.task import LegoBatch, LegoTask
 
 
@@ -184,9 +183,7 @@ def percolation(model, batch: LegoBatch, task: LegoTask, *, control: bool = True
     accuracy = PercolationProbe().fit(model, train).score(model, test)
     control_accuracy = None
     if control:
-        with torch.random.fork_rng(devices=[]):  # a fixed random model without disturbing the caller's stream
-            torch.manual_seed(seed)
-            random_model = LegoTransformer(dataclasses.replace(model.cfg)).to(next(model.parameters()).device)
+        random_model = random_twin(model, seed)
         control_accuracy = PercolationProbe().fit(random_model, train).score(random_model, test)
     return PercolationResult(accuracy, control_accuracy, threshold, test_sentences=n_test,
                              train_sentences=len(batch) - n_test, test_examples=test.valid.sum(0).tolist(),

@@ -32,7 +32,7 @@ from legointerp.errors import LegoInterpError
 from legointerp.evaluate import test_batch
 from legointerp.files import atomic_write
 from legointerp.heads import COLOURS as HEAD_COLOURS, classify_heads
-from legointerp.model import LegoTransformer
+from legointerp.model import random_twin
 from legointerp.plots import training_curves_figure
 from legointerp.probes import percolation, resolution_layers
 from legointerp.shortcut import detect_shortcut, first_learned, learned_level, middle_depths
@@ -230,13 +230,6 @@ def _analysis_batch(run: Run, scale: Scale):
     return model, task, test_batch(task, scale.analysis_sentences, seed=run.seed + 104_729)
 
 
-def _untrained(run: Run) -> LegoTransformer:
-    model, _, _ = load_model(run.checkpoint)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
-        return LegoTransformer(replace(model.cfg)).eval()
-
-
 # ---------------------------------------------------------------------------- the findings
 def extrapolation(runs: dict[str, list[Run]], scale: Scale, better: str, worse: str, positions: list[int],
                   margin: float = 0.1, require_fit: bool = True) -> dict:
@@ -277,7 +270,7 @@ def r2(runs, scale):
         for run in runs[arm]:
             model, task, batch = _analysis_batch(run, scale)
             trained = _head_counts(classify_heads(model, batch, task), run.config.tied)
-            control = _head_counts(classify_heads(_untrained(run), batch, task, ablate=False), run.config.tied)
+            control = _head_counts(classify_heads(random_twin(model, run.seed), batch, task, ablate=False), run.config.tied)
             models.append({"arm": arm, "seed": run.seed, "trained": trained, "untrained": control})
     grown = [m["trained"]["association"] > 0 and m["trained"]["manipulation"] > 0 for m in models]
     causal = [m["trained"]["max_drop"] is not None and m["trained"]["max_drop"] >= 0.1 for m in models]
@@ -468,7 +461,6 @@ def replicate(key: str, scale: Scale, runs_dir: Path, out: Path, jobs: int = 1, 
             atomic_write(logs / log_path(run.checkpoint).name, lambda f: f.write(text))
     all_runs = [run for arm_runs in runs.values() for run in arm_runs]
     first = all_runs[0]
-    model, _, _ = load_model(first.checkpoint)
     row = {"finding": key, "title": finding.title, "paper": finding.paper, "ours": ours, "verdict": verdict,
            "rule": finding.rule, "scale": asdict(scale), "command": command,
            "arms": {arm: _arm_record(arm_runs) for arm, arm_runs in runs.items()},

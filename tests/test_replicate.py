@@ -122,6 +122,31 @@ def test_every_shipped_row_redraws_from_the_shipped_logs():
         assert row["verdict"] in ("yes", "partly", "no")
 
 
+def _shipped_runs(row: dict) -> tuple[Scale, dict]:
+    """The row's scale and its runs rebuilt from the shipped logs alone (no checkpoints)."""
+    scale = Scale(**{**row["scale"], "seeds": tuple(row["scale"]["seeds"])})
+    logs = REPLICATION_DIR / "logs" / scale.name
+    runs = {arm: [Run(arm, seed, arm_config(arm, scale, seed),
+                      [json.loads(line) for line in (logs / name.replace(".pt", ".log.jsonl")).read_text().splitlines()],
+                      Path(name)) for seed, name in zip(record["seeds"], record["logs"])]
+            for arm, record in row["arms"].items()}
+    return scale, runs
+
+
+@pytest.mark.parametrize("key", ["R1", "R5", "R6"])
+def test_shipped_verdicts_that_rest_on_logs_follow_from_the_shipped_logs(key):
+    """R1, R5 and R6 need only the training logs: measured again from the shipped logs, they give the row's verdict,
+    text and final accuracies (a row edited by hand, or logs from other runs, would fail here)."""
+    if not (REPLICATION_DIR / f"{key}.json").is_file():
+        pytest.skip(f"no {key} row shipped")
+    row = load_row(key)
+    scale, runs = _shipped_runs(row)
+    verdict, ours, _ = FINDINGS[key].measure(runs, scale)
+    assert (verdict, ours) == (row["verdict"], row["ours"])
+    assert {arm: [run.final for run in arm_runs] for arm, arm_runs in runs.items()} == \
+        {arm: record["final"] for arm, record in row["arms"].items()}
+
+
 @pytest.mark.parametrize("scale", sorted(SCALES))
 def test_every_arm_is_a_valid_config_at_every_scale(scale):
     """The paper scale is meant for a GPU that CI lacks: at least every arm's config passes validation there."""
