@@ -41,8 +41,8 @@ def check_not_shipped(path: Path, folder: bool = False, flag: str = "") -> Path:
                           f"never this file): pick another name, e.g. {path.with_name(path.name + '.pt')}")
     shipped = os.stat(shipped_folder())
     target = path.expanduser().resolve()
-    for folder in (target, *target.parents):  # compared by inode: a bind mount of the folder is the folder
-        if folder.is_dir() and os.path.samestat(os.stat(folder), shipped):
+    for part in (target, *target.parents):  # compared by inode: a bind mount of the folder is the folder
+        if part.is_dir() and os.path.samestat(os.stat(part), shipped):
             raise OutputError(f"{named} is inside legointerp's own data folder, which holds the shipped models and "
                               f"logs and is never written: write elsewhere, e.g. {path.name}")
     return path
