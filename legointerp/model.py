@@ -61,7 +61,7 @@ from transformer_lens.hook_points import HookPoint
 
 from legointerp.errors import LegoInterpError
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
-from legointerp.task import LegoTask
+from legointerp.task import PAD, LegoTask
 
 # The fixed patterns a head can be given: (B, T) tokens and the config -> (B, T, T) mask of the keys each query attends
 HARDCODED = {
@@ -408,11 +408,20 @@ class LegoTransformer(HookedRootModule):
         """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
-        ids it came from, which a model with hardcoded heads needs for their patterns.  Returns logits (B, P, d_vocab_out)."""
+        ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
+        ``[PAD]`` positions of ``tokens`` (or ``source_tokens``) are masked, as ``to_tokens`` pads mixed lengths.
+        Returns logits (B, P, d_vocab_out)."""
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
-        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        ids = tokens if start_at_layer is None else source_tokens
+        if attention_mask is None and ids is not None:
+            attention_mask = ids != PAD
+            # on an accelerator, asking whether any token is padding would sync every step: the masked kernel is cheaper
+            unpadded = attention_mask.device.type == "cpu" and bool(attention_mask.all())
+        else:
+            unpadded = attention_mask is None or bool(attention_mask.all())
+        key_mask = None if unpadded else attention_mask[:, None, None, :]
         if start_at_layer is None:
             source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)

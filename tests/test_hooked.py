@@ -122,3 +122,17 @@ def test_head_results_only_when_asked_and_equal_the_bridges(task):
     _, theirs = to_bridge(model).run_with_cache(tokens)
     assert torch.allclose(cache.stack_head_results(), theirs.stack_head_results(), atol=1e-4)
     assert "use_attn_result" not in model.cfg.to_dict()
+
+
+def test_padding_from_to_tokens_is_masked_by_default(task):
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    long, short = task.to_text(task.sample(1, torch.Generator().manual_seed(0)).tokens[0]), "a=+1; b=-a"
+    tokens = model.to_tokens([long, short])
+    assert (tokens[1] == task.vocab.index("[PAD]")).any()
+    alone = model(model.to_tokens(short))[0]
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits[1, : alone.shape[0]], alone, atol=1e-5)
+    padding = tokens[1] == task.vocab.index("[PAD]")
+    assert cache["pattern", 1][1][..., padding].abs().max() == 0
+    assert torch.equal(model(tokens), model(tokens, tokens != task.vocab.index("[PAD]")))
