@@ -43,7 +43,8 @@ block adds attention to its input and normalises (``ln1``), adds the MLP and nor
 and write what the next block sees.  The sums before the LayerNorms are at ``hook_resid_mid_unnormalized`` and
 ``hook_resid_post_unnormalized`` (TransformerLens's old HookedEncoder called the latter ``hook_resid_post`` and the
 normalised one ``hook_normalized_resid_post``).  A post-LN residual stream is not a sum of component writes, so
-TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stack``) do not describe it;
+TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stack``) do not describe it and the
+cache (:class:`LegoActivationCache`) refuses them;
 ``cfg.normalization_type`` is None there, as no LayerNorm sits between the last block and the unembedding.
 """
 
@@ -94,6 +95,49 @@ def require_pre_ln(cfg, analysis: str) -> None:
     if getattr(cfg, "norm", "pre") == "post":
         raise ConfigError(f"{analysis} needs a pre-LN model (a residual stream that is a sum of writes); this one is "
                           "post-LN: use the probes, head classifier or residual-stream patching instead")
+
+
+class LegoActivationCache(ActivationCache):
+    """TransformerLens's ``ActivationCache``, with what this architecture changes in its helpers: on a +aI/+bI model a
+    head's write is ``z W_O`` plus its identity copy, so per-head results rebuilt from ``hook_z`` add the cached
+    ``hook_identity_out``; on a post-LN model the residual stream is no sum of component writes, so the helpers that
+    assume it is (``decompose_resid``, ``apply_ln_to_stack``, ``logit_attrs``, ``get_full_resid_decomposition``)
+    refuse instead of returning numbers that describe nothing."""
+
+    def _ensure_head_results(self) -> bool:
+        names = [f"blocks.{layer}.attn.hook_result" for layer in range(self.model.cfg.n_layers)]
+        rebuilt = [layer for layer, name in enumerate(names) if name not in self.cache_dict]
+        if self.model.cfg.identity_attention:
+            for layer in rebuilt:
+                if f"blocks.{layer}.attn.hook_identity_out" not in self.cache_dict:
+                    raise ConfigError(f"layer {layer}'s per-head results need each head's +bI copy, which this cache "
+                                      "lacks: cache blocks.*.attn.hook_identity_out too, or run after "
+                                      "model.set_use_attn_result(True)")
+        all_cached = super()._ensure_head_results()
+        if self.model.cfg.identity_attention:
+            for layer in rebuilt:
+                self.cache_dict[names[layer]] = self.cache_dict[names[layer]] + self[f"blocks.{layer}.attn.hook_identity_out"]
+        return all_cached
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "LegoActivationCache":
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return LegoActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+    def decompose_resid(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, "cache.decompose_resid")
+        return super().decompose_resid(*args, **kwargs)
+
+    def apply_ln_to_stack(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, "cache.apply_ln_to_stack")
+        return super().apply_ln_to_stack(*args, **kwargs)
+
+    def logit_attrs(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, "cache.logit_attrs")
+        return super().logit_attrs(*args, **kwargs)
+
+    def get_full_resid_decomposition(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, "cache.get_full_resid_decomposition")
+        return super().get_full_resid_decomposition(*args, **kwargs)
 
 
 @dataclass
@@ -454,9 +498,10 @@ class LegoTransformer(HookedRootModule):
         return torch.stack([patterns[kind] for kind in kinds], 1)
 
     def run_with_cache(self, *args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
-        """As ``HookedTransformer.run_with_cache``: the cache is an ``ActivationCache`` (``cache["pattern", l]``)."""
+        """As ``HookedTransformer.run_with_cache``: the cache is an ``ActivationCache`` (``cache["pattern", l]``), a
+        :class:`LegoActivationCache`."""
         out, cache = super().run_with_cache(*args, remove_batch_dim=remove_batch_dim, **kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim) if return_cache_object else cache
+        return out, LegoActivationCache(cache, self, has_batch_dim=not remove_batch_dim) if return_cache_object else cache
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As TransformerLens's ``use_attn_result``: cache each head's write to the residual stream at
