@@ -97,6 +97,14 @@ def require_pre_ln(cfg, analysis: str) -> None:
                           "post-LN: use the probes, head classifier or residual-stream patching instead")
 
 
+def _pre_ln_only(name: str):
+    """``ActivationCache.<name>``, refused on a post-LN model."""
+    def helper(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, f"cache.{name}")
+        return getattr(ActivationCache, name)(self, *args, **kwargs)
+    return helper
+
+
 class LegoActivationCache(ActivationCache):
     """TransformerLens's ``ActivationCache``, with what this architecture changes in its helpers: on a +aI/+bI model a
     head's write is ``z W_O`` plus its identity copy, so per-head results rebuilt from ``hook_z`` add the cached
@@ -123,21 +131,10 @@ class LegoActivationCache(ActivationCache):
         sliced = super().apply_slice_to_batch_dim(batch_slice)
         return LegoActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
 
-    def decompose_resid(self, *args, **kwargs):
-        require_pre_ln(self.model.cfg, "cache.decompose_resid")
-        return super().decompose_resid(*args, **kwargs)
-
-    def apply_ln_to_stack(self, *args, **kwargs):
-        require_pre_ln(self.model.cfg, "cache.apply_ln_to_stack")
-        return super().apply_ln_to_stack(*args, **kwargs)
-
-    def logit_attrs(self, *args, **kwargs):
-        require_pre_ln(self.model.cfg, "cache.logit_attrs")
-        return super().logit_attrs(*args, **kwargs)
-
-    def get_full_resid_decomposition(self, *args, **kwargs):
-        require_pre_ln(self.model.cfg, "cache.get_full_resid_decomposition")
-        return super().get_full_resid_decomposition(*args, **kwargs)
+    decompose_resid = _pre_ln_only("decompose_resid")
+    apply_ln_to_stack = _pre_ln_only("apply_ln_to_stack")
+    logit_attrs = _pre_ln_only("logit_attrs")
+    get_full_resid_decomposition = _pre_ln_only("get_full_resid_decomposition")
 
 
 @dataclass
