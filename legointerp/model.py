@@ -62,7 +62,7 @@ from transformer_lens.hook_points import HookPoint
 
 from legointerp.errors import LegoInterpError
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
-from legointerp.task import PAD, LegoTask
+from legointerp.task import CLAUSE_LEN, PAD, LegoTask
 
 # The fixed patterns a head can be given: (B, T) tokens and the config -> (B, T, T) mask of the keys each query attends
 HARDCODED = {
@@ -73,6 +73,7 @@ HARDCODED = {
 }
 
 
+RETURN_TYPES = ("logits", "loss", "both", None)  # LegoTransformer.forward's, as TransformerLens's
 NORMS = ("pre", "post")  # where each block's LayerNorms sit: before each sublayer (GPT-2) or after each residual add (BERT)
 ACT_FNS = {"gelu": "none", "gelu_new": "tanh"}  # transformers' names -> F.gelu's approximate: BERT's exact erf, ALBERT's tanh
 
@@ -157,6 +158,7 @@ class ModelConfig:
     act_fn: str = "gelu"  # the MLP's: "gelu" (exact erf, BERT's) or "gelu_new" (tanh approximation, ALBERT's default)
     identity_attention: bool = False  # Boix-Adsera et al.'s +aI/+bI: two trainable scalars per head (Attention)
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
+    dtype: torch.dtype = field(default=torch.float32, compare=False)  # likewise (head_detector reads it)
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
     attn_only: ClassVar[bool] = False
@@ -213,7 +215,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "use_attn_result")}
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "dtype", "use_attn_result")}
 
 
 def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
@@ -371,6 +373,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    hook_out_is_single_residual_stream = True  # TransformerLens's logit_lens checks it: hook_resid_post is the stream
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = LayerNorm(cfg), Attention(cfg), LayerNorm(cfg), MLP(cfg)
@@ -440,18 +444,23 @@ class LegoTransformer(HookedRootModule):
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
-        self.cfg.device = str(self.embed.W_E.device)
+        self.cfg.device, self.cfg.dtype = str(self.embed.W_E.device), self.embed.W_E.dtype
         return module
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
-                source_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
+                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits") -> torch.Tensor | None:
+        """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
         ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
         ``[PAD]`` positions of ``tokens`` (or ``source_tokens``) are masked, as ``to_tokens`` pads mixed lengths.
-        Returns logits (B, P, d_vocab_out)."""
+        Returns, as TransformerLens's ``return_type``: "logits" (B, P, d_vocab_out), "loss" (the mean cross-entropy
+        of every clause's answer, the training loss), "both" (logits, loss) or None."""
+        if return_type not in RETURN_TYPES:
+            raise LegoInterpError(f"return_type={return_type!r} is not one of {', '.join(map(str, RETURN_TYPES))}")
+        if isinstance(tokens, (str, list)):
+            tokens = self.to_tokens(tokens)
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
@@ -479,7 +488,22 @@ class LegoTransformer(HookedRootModule):
             resid = block(resid, key_mask, fixed_pattern)
         if self.cfg.norm == "pre":
             resid = self.ln_final(resid)
-        return affine(resid, self.unembed.W_U, self.unembed.b_U)
+        logits = affine(resid, self.unembed.W_U, self.unembed.b_U)
+        if return_type in ("loss", "both"):
+            loss = self.answer_loss(logits, source_tokens)
+            return loss if return_type == "loss" else (logits, loss)
+        return logits if return_type == "logits" else None
+
+    def answer_loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """() the mean cross-entropy of every clause's answer, read at its variable's token as in training.
+        logits: (B, P, C); tokens: (B, P) the sentences, which give the answers."""
+        if tokens is None:
+            raise ConfigError("return_type='loss' reads the answers off the sentences: pass source_tokens with start_at_layer")
+        task = self._vocabulary()
+        batch = task.encode([task.parse(text) for text in self.to_string(tokens.cpu())], n=(tokens.shape[1] - 2) // CLAUSE_LEN)
+        clause_logits = logits[torch.arange(len(batch), device=logits.device)[:, None], batch.clause_pos.to(logits.device)]
+        loss = F.cross_entropy(clause_logits.transpose(1, 2), batch.values.to(logits.device), reduction="none")
+        return loss[batch.valid.to(logits.device)].mean()
 
     def fixed_patterns(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
         """(B, H_fixed, P, P) the hardcoded heads' attention from (B, P) token ids, in head order: each ``HARDCODED``
@@ -576,14 +600,21 @@ class LegoTransformer(HookedRootModule):
                                   "or call model.set_task(task)")
         return self.task
 
-    def to_tokens(self, input: str | list[str]) -> torch.Tensor:
-        """Sentences ``"a=+1; b=-a"`` -> (B, 5 n + 2) token ids with [BOS]/[EOS], padded to the longest (n clauses);
-        a malformed sentence raises ``LegoError`` naming the problem.  LEGO sentences always carry [BOS]."""
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Sentences ``"a=+1; b=-a"`` -> (B, 5 n + 2) token ids with [BOS]/[EOS], padded on the right to the longest
+        (n clauses); a malformed sentence raises ``LegoError`` naming the problem.  TransformerLens's keywords:
+        ``prepend_bos=False`` drops the [BOS] column (the model was trained with it); ``padding_side`` can only be
+        "right"; ``truncate`` is moot (a sentence longer than the model reads raises)."""
+        if padding_side not in (None, "right"):
+            raise LegoInterpError(f"padding_side={padding_side!r}: LEGO sentences are padded on the right only")
         task = self._vocabulary()
         sentences = [task.parse(text) for text in ([input] if isinstance(input, str) else input)]
         if not sentences:
             raise LegoInterpError("to_tokens got an empty list: pass one sentence or a list of sentences")
-        return task.encode(sentences, n=max(len(sentence.clauses) for sentence in sentences)).tokens.to(self.cfg.device)
+        tokens = task.encode(sentences, n=max(len(sentence.clauses) for sentence in sentences)).tokens
+        tokens = tokens if prepend_bos is None or prepend_bos else tokens[:, 1:]
+        return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def to_str_tokens(self, input: str | list | torch.Tensor) -> list[str] | list[list[str]]:
         """A sentence or (P,) ids -> its token names; a list of sentences or (B, P) ids -> one list per sentence."""

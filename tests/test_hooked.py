@@ -136,3 +136,25 @@ def test_padding_from_to_tokens_is_masked_by_default(task):
     padding = tokens[1] == task.vocab.index("[PAD]")
     assert cache["pattern", 1][1][..., padding].abs().max() == 0
     assert torch.equal(model(tokens), model(tokens, tokens != task.vocab.index("[PAD]")))
+
+
+def test_transformer_lens_habits_work_on_the_native_model(task):
+    from transformer_lens.head_detector import detect_head
+
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    sentence = "a=+1; b=-a; c=+b"
+    tokens = model.to_tokens(sentence)
+    assert torch.equal(model(sentence), model(tokens))  # a string runs as TransformerLens's models do
+    assert torch.equal(model.to_tokens(sentence, prepend_bos=False), tokens[:, 1:])
+    logits, loss = model(tokens, return_type="both")
+    answers = logits[0, [1, 6, 11]]  # each clause's variable token reads its value: +1, -1, -1
+    expected = torch.nn.functional.cross_entropy(answers, torch.tensor([task.literal_index[v] for v in ("1", "-1", "-1")]))
+    assert torch.allclose(loss, expected) and torch.allclose(model(sentence, return_type="loss"), expected)
+    assert model(tokens, return_type=None) is None
+    assert model.cfg.dtype == torch.float32 and "dtype" not in model.cfg.to_dict()
+    scores = detect_head(model, sentence, torch.tril(torch.ones(tokens.shape[1], tokens.shape[1])))
+    assert scores.shape == (model.cfg.n_layers, model.cfg.n_heads) and (scores >= 0).all()
+    pair, cache = model.run_with_cache([sentence, "a=-1; b=+a"])
+    lens = cache.logit_lens()  # at the last position, each layer read through ln_final and the unembedding
+    assert torch.allclose(lens.values[-1], pair[:, -1], atol=1e-5)
