@@ -158,3 +158,23 @@ def test_transformer_lens_habits_work_on_the_native_model(task):
     pair, cache = model.run_with_cache([sentence, "a=-1; b=+a"])
     lens = cache.logit_lens()  # at the last position, each layer read through ln_final and the unembedding
     assert torch.allclose(lens.values[-1], pair[:, -1], atol=1e-5)
+
+
+def test_the_bridge_reads_and_writes_lego_sentences_with_a_hugging_face_tokenizer(task):
+    from transformers import PreTrainedTokenizer
+
+    from legointerp.task import LegoError
+
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    bridge = to_bridge(model)
+    assert isinstance(bridge.tokenizer, PreTrainedTokenizer)
+    sentences = ["a=+1; b=-a; c=+b", "c=-1; a=+c"]
+    assert torch.equal(bridge.to_tokens(sentences), model.to_tokens(sentences))
+    assert bridge.to_str_tokens(sentences[0]) == model.to_str_tokens(sentences[0])
+    assert bridge.to_string(bridge.to_tokens(sentences)) == model.to_string(model.to_tokens(sentences))
+    assert torch.equal(bridge.to_tokens(sentences[0], prepend_bos=False), model.to_tokens(sentences[0])[:, 1:])
+    with torch.no_grad():
+        assert torch.allclose(bridge(sentences[0]), model(sentences[0]), atol=1e-4)
+    with pytest.raises(LegoError, match="not made of this task's tokens"):
+        bridge.to_tokens("a=+1; b=*a")
