@@ -69,6 +69,19 @@ def test_exact_patching_equals_transformer_lens_on_the_bridge(task):
     assert ours_resid[0, pair.clean.clause_pos[0, 2] + 2].item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_head_patching_on_a_post_ln_model_equals_transformer_lens_on_the_model(task):
+    model = small_model(task, n_layers=2, norm="post")
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
+    pair = flip_sign(task, task.sample(6, torch.Generator().manual_seed(0)), 2)
+    metric = normalised_metric(model, pair)
+    _, clean_cache = model.run_with_cache(pair.clean.tokens)
+    theirs = tl_patching.get_act_patch_attn_head_out_by_pos(model, pair.corrupted.tokens, clean_cache, metric)
+    ours = patch_head_z(model, pair, metric)
+    assert (ours - theirs).abs().max() <= 1e-4 and (theirs - theirs[0, 0, 0]).abs().max() > 0.05
+
+
 def test_attribution_is_zero_where_clean_and_corrupted_agree_and_tracks_exact_patching(task):
     model, pair = model_and_pair(task)
     metric = normalised_metric(model, pair)
