@@ -73,6 +73,7 @@ HARDCODED = {
 }
 
 
+RUNTIME_FIELDS = ("device", "dtype", "use_attn_result", "use_split_qkv_input", "use_attn_in")  # ModelConfig's, never saved
 RETURN_TYPES = ("logits", "loss", "both", None)  # LegoTransformer.forward's, as TransformerLens's
 NORMS = ("pre", "post")  # where each block's LayerNorms sit: before each sublayer (GPT-2) or after each residual add (BERT)
 ACT_FNS = {"gelu": "none", "gelu_new": "tanh"}  # transformers' names -> F.gelu's approximate: BERT's exact erf, ALBERT's tanh
@@ -160,6 +161,8 @@ class ModelConfig:
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
     dtype: torch.dtype = field(default=torch.float32, compare=False)  # likewise (head_detector reads it)
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
+    use_split_qkv_input: bool = field(default=False, compare=False)  # runtime: hook_q_input / hook_k_input / hook_v_input
+    use_attn_in: bool = field(default=False, compare=False)  # runtime: hook_attn_in
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
     attn_only: ClassVar[bool] = False
     positional_embedding_type: ClassVar[str] = "standard"
@@ -215,7 +218,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "dtype", "use_attn_result")}
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
 
 def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
@@ -310,15 +313,21 @@ class Attention(nn.Module):
             return hook(t)
         return hook(self._merge(t, None, dim)).index_select(dim, self.learned)
 
-    def forward(self, x, key_mask, fixed_pattern=None):
+    def forward(self, x, key_mask, fixed_pattern=None, split=None):
         """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None; fixed_pattern: (B, H_fixed, P, P) the
-        hardcoded heads' attention, in head order (None when every head is learned)."""
+        hardcoded heads' attention, in head order (None when every head is learned); split: TransformerLens's
+        per-head inputs (q, k, v), each (B, P, H, D), which replace ``x`` (use_split_qkv_input / use_attn_in)."""
         H, E = self.cfg.n_heads, self.cfg.d_head
         n_learned = H - len(self.fixed)
-        # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
-        W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
-        b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
-        q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
+        if split is not None:
+            q, k, v = (torch.einsum("bphd,hde->bphe", inputs[:, :, heads], W[heads]) + b[heads]
+                       for inputs, W, b, heads in zip(split, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V),
+                                                      (self.learned, self.learned, slice(None))))
+        else:
+            # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
+            W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
+            b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
+            q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
         q, k = self._hook_learned(self.hook_q, q, 2), self._hook_learned(self.hook_k, k, 2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.hook_v(v).transpose(1, 2)
         identity = self.cfg.identity_attention
@@ -381,16 +390,34 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
         self.post = cfg.norm == "post"
+        self.cfg = cfg
+        # (B, P, H, D) each head's own copy of the attention's input, before ln1 (pre-LN), with use_split_qkv_input /
+        # use_attn_in, so a path into one head's query, key or value can be patched alone
+        self.hook_q_input, self.hook_k_input, self.hook_v_input, self.hook_attn_in = (HookPoint() for _ in range(4))
         if self.post:  # (B, P, D) the residual sums before ln1 / ln2; hook_resid_mid / hook_resid_post are after them
             self.hook_resid_mid_unnormalized, self.hook_resid_post_unnormalized = HookPoint(), HookPoint()
 
+    def _split_inputs(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """TransformerLens's per-head attention inputs (q, k, v), each (B, P, H, D) through its hook and then ``ln1``
+        (pre-LN), or None when neither use_split_qkv_input nor use_attn_in is on."""
+        if not (self.cfg.use_split_qkv_input or self.cfg.use_attn_in):
+            return None
+        heads = resid[:, :, None].expand(-1, -1, self.cfg.n_heads, -1).clone()
+        if self.cfg.use_attn_in:
+            inputs = (self.hook_attn_in(heads),) * 3
+        else:
+            inputs = (self.hook_q_input(heads), self.hook_k_input(heads.clone()), self.hook_v_input(heads.clone()))
+        return inputs if self.post else tuple(self.ln1(x) for x in inputs)
+
     def forward(self, resid, key_mask, fixed_pattern=None):
         resid = self.hook_resid_pre(resid)
+        split = self._split_inputs(resid)
         if self.post:
-            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern))
+            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern, split))
             resid = self.hook_resid_mid(self.ln1(self.hook_resid_mid_unnormalized(resid + attn_out)))
             return self.hook_resid_post(self.ln2(self.hook_resid_post_unnormalized(resid + self.hook_mlp_out(self.mlp(resid)))))
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_mask, fixed_pattern)))
+        attn_in = None if split is not None else self.ln1(resid)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(attn_in, key_mask, fixed_pattern, split)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 
@@ -523,6 +550,23 @@ class LegoTransformer(HookedRootModule):
         :class:`LegoActivationCache`."""
         out, cache = super().run_with_cache(*args, remove_batch_dim=remove_batch_dim, **kwargs)
         return out, LegoActivationCache(cache, self, has_batch_dim=not remove_batch_dim) if return_cache_object else cache
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """As TransformerLens's: each head's query, key and value input at ``blocks.{l}.hook_q_input`` /
+        ``hook_k_input`` / ``hook_v_input`` (B, P, n_heads, d_model), before ``ln1``, so paths into one of them can
+        be patched."""
+        self._set_per_head_inputs("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """As TransformerLens's: every head's attention input at ``blocks.{l}.hook_attn_in`` (B, P, n_heads,
+        d_model), before ``ln1``."""
+        self._set_per_head_inputs("use_attn_in", use_attn_in)
+
+    def _set_per_head_inputs(self, switch: str, on: bool) -> None:
+        if on and self.cfg.identity_attention:
+            raise ConfigError(f"+aI/+bI attention reads one shared input in its identity terms, which {switch} would "
+                              "leave unpatched: patch hook_resid_pre or the heads' hook_q / hook_k / hook_v instead")
+        setattr(self.cfg, switch, bool(on))
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As TransformerLens's ``use_attn_result``: cache each head's write to the residual stream at

@@ -178,3 +178,31 @@ def test_the_bridge_reads_and_writes_lego_sentences_with_a_hugging_face_tokenize
         assert torch.allclose(bridge(sentences[0]), model(sentences[0]), atol=1e-4)
     with pytest.raises(LegoError, match="not made of this task's tokens"):
         bridge.to_tokens("a=+1; b=*a")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm": "post"}, {"hardcoded": ("association", None, None, None)}])
+def test_split_qkv_inputs_patch_one_heads_value_path(task, overrides):
+    if "hardcoded" in overrides:
+        overrides = {**overrides, "variable_offset": task.variable_offset}
+    model = perturbed(small_model(task, **overrides))
+    clean, corrupted = (task.sample(4, torch.Generator().manual_seed(seed)).tokens for seed in (0, 1))
+    logits, cache = model.run_with_cache(corrupted)
+    model.set_use_split_qkv_input(True)
+    assert torch.allclose(model(clean), model.run_with_hooks(clean), atol=1e-5)
+    split_logits, split_cache = model.run_with_cache(corrupted)
+    assert torch.allclose(split_logits, logits, atol=1e-5)
+    assert split_cache["blocks.1.hook_v_input"].shape == (4, task.n_ctx, 4, 32)
+
+    def value_input(x, hook):  # head 2's value reads the corrupted stream
+        return torch.cat([x[:, :, :2], cache["resid_pre", 1][:, :, None], x[:, :, 3:]], 2)
+
+    def value(v, hook):
+        return torch.cat([v[:, :, :2], cache["v", 1][:, :, 2:3], v[:, :, 3:]], 2)
+
+    patched = model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_v_input", value_input)])
+    model.set_use_split_qkv_input(False)
+    assert torch.allclose(patched, model.run_with_hooks(clean, fwd_hooks=[("blocks.1.attn.hook_v", value)]), atol=1e-5)
+    assert not torch.allclose(patched, model(clean), atol=1e-3)
+    model.set_use_attn_in(True)
+    assert torch.allclose(model(corrupted), logits, atol=1e-5)
+    assert "use_attn_in" not in model.cfg.to_dict()
