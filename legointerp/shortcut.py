@@ -46,6 +46,9 @@ FEEDS = 0.1  # attention: resampling the counting position's residual costs the 
 SEPARABLE = 1.0  # patching needs the flip to move the variable's logit difference by at least this
 THROUGH_CHAIN = 0.5  # patching: below this, the last answer comes from the flipped operator directly
 EVIDENCE = ("counterfactual", "training order", "probes", "attention", "patching")
+# what each piece of evidence's "last" and "middle" numbers are
+EVIDENCE_UNITS = {"counterfactual": "share by count / by chain", "training order": "training sentences",
+                  "probes": "layer", "attention": "lift over uniform", "patching": "score (1 = via chain)"}
 
 
 def middle_depths(n: int) -> list[int]:

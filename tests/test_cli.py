@@ -259,3 +259,21 @@ def test_report_json_summarises_the_written_page(capsys, ckpt, tmp_path):
     assert code == 0 and page.stat().st_size > 0 and document["report"] == str(page)
     assert list(document["accuracy"]) == [str(k) for k in range(6)] and len(document["heads"]) == 3 * 4
     assert document["shortcut"] in {"shortcut", "no shortcut", "inconclusive"}
+
+
+@pytest.mark.parametrize("argv", [["zoo"], ["shortcut", "--samples", "64"], ["heads", "--samples", "32"],
+                                  ["patch", "--samples", "4"], ["eval", "--samples", "64"]])
+def test_terminal_tables_fit_120_columns_and_explain_on_stdout(capsys, tmp_path, argv):
+    task = LegoTask(TaskConfig(n=6))
+    model = small_model(task)
+    unevaluated = save_checkpoint(Checkpoint(model_config=model.cfg, task_config=task.config,
+                                             state_dict=model.state_dict()), tmp_path / "model.pt")
+    code, out, _ = run(capsys, *argv, *([] if argv == ["zoo"] else ["--ckpt", unevaluated]))
+    assert code == 0 and max(map(len, out.splitlines())) <= 120, out
+    assert "None" not in out and "  -1 " not in out
+    if argv[0] == "patch":
+        assert "0 = corrupted, 1 = clean" in out and "Pearson r" in out
+    if argv[0] == "shortcut":
+        assert "training sentences" in out and "verdict:" in out
+    if argv[0] == "zoo":
+        assert "counter-at-bos description: hand-set shortcut" in out

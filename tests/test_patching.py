@@ -188,9 +188,10 @@ def ckpt(tmp_path, task):
 def test_patch_command_prints_the_strongest_sites_and_says_how_many_it_cut(capsys, ckpt, task):
     assert cli_main(["patch", "--ckpt", str(ckpt), "--samples", "4", "--depth", "2", "--top", "5"]) == 0
     out, err = capsys.readouterr()
-    rows = out.strip().splitlines()[1:]
+    rows = out.strip().splitlines()[1:6]
     sites = 3 * task.n_ctx  # resid_pre only: heads are opt-in
-    assert len(rows) == 5 and f"of {sites}: {sites - 5} more" in err and "Pearson r =" in err and "Spearman rho =" in err
+    notes = " ".join(out.strip().splitlines()[6:])  # the explanation follows the table, on stdout
+    assert f"of {sites}: {sites - 5} more" in notes and "Pearson r =" in notes and "Spearman rho =" in notes
     effects = [float(row.split()[-2]) for row in rows]  # the exact score; the corrupted run scores 0
     assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
 
