@@ -31,6 +31,9 @@ from legointerp.probes import residual_sites
 from legointerp.task import LegoBatch
 
 
+ROBUST_PERCENTILE = 98  # the attribution heatmap's colour range: this percentile of the cells' magnitudes
+
+
 def answer_contrast(values: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, n) true value indices -> (B, n, C) weights: 1 on the true value, -1/(C-1) on each other one, so
     ``(logits * contrast).sum(-1)`` is the logit difference and ``contrast @ W_U.T`` its residual direction."""
@@ -136,7 +139,10 @@ class LogitAttribution:
         """Heatmap: component (rows, in forward order) x chain depth, diverging around 0."""
         mean = _mean_over_valid(self.attribution, self.valid)
         total = _mean_over_valid(self.total, self.valid)
-        bound = float(np.nanmax(np.abs(mean))) if np.isfinite(mean).any() else 1.0
+        # a robust range: one huge cell (a zoo model's hand-set weights write +-1e5 that cancel) must not blank the rest;
+        # cells beyond it saturate, and the hover still reads their value
+        magnitude = np.abs(mean[np.isfinite(mean)])
+        bound = float(np.percentile(magnitude, ROBUST_PERCENTILE)) if magnitude.any() else 1.0
         hover = "%{y} at depth %{x}<br>attribution %{z:.3f}<extra></extra>"
         figure = go.Figure(go.Heatmap(z=mean, y=list(self.components["component"]), zmid=0, zmin=-bound, zmax=bound,
                                       colorscale="RdBu", hovertemplate=hover, colorbar=dict(title="logit<br>difference")))

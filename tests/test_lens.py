@@ -90,3 +90,14 @@ def test_post_ln_models_are_refused_with_one_clear_line(task):
     for analysis in (lambda: logit_lens(model, batch), lambda: direct_logit_attribution(model, batch)):
         with pytest.raises(ConfigError, match="needs a pre-LN model"):
             analysis()
+
+
+def test_attribution_colour_range_is_robust_to_one_huge_cell(task):
+    model = small_model(task)
+    batch = task.sample(16, torch.Generator().manual_seed(0))
+    result = direct_logit_attribution(model, batch)
+    typical = float(result.attribution.abs().mean())
+    result.attribution[5, :, 3] += 2e5  # one cell, as on a zoo model, whose hand-set writes of 1e5 cancel
+    heatmap = result.plot().data[0]
+    assert 0 < heatmap.zmax < 1e3 and heatmap.zmin == -heatmap.zmax
+    assert heatmap.zmax > typical / 10  # the other cells keep their colours
