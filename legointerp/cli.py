@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -46,6 +47,12 @@ def _table(frame: pd.DataFrame) -> str:
         lines += [textwrap.fill(f"{key} {column}: {value}", TABLE_WIDTH, subsequent_indent="    ")
                   for key, value in zip(frame.iloc[:, 0], frame[column])]
     return "\n".join(lines)
+
+
+def _command() -> str:
+    """This command line as a checkpoint's provenance records it: absolute paths cut to their last part, so nothing
+    shipped names a folder of the machine that made it."""
+    return " ".join(["legointerp", *(re.sub(r"(^|=)/(?:[^/]*/)*", r"\1", arg) for arg in sys.argv[1:])])
 
 
 def _emit(args, frame: pd.DataFrame, document, notes: tuple[str, ...] = ()) -> None:
@@ -149,7 +156,7 @@ def _train(args) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = replace(PRESETS[args.preset], **overrides)
     trainer = Trainer(config, args.out, resume=args.resume, force=args.force, compile=args.compile,
-                      progress=not args.quiet, command="legointerp " + " ".join(sys.argv[1:]))
+                      progress=not args.quiet, command=_command())
     if trainer.rank == 0:
         cfg = trainer.model.cfg
         learned = forward_flops(replace(cfg, hardcoded=()))
@@ -568,7 +575,7 @@ def _import(args) -> None:
         raise LegoInterpError(f"{args.out} already exists: add --force to replace it, or choose another --out")
     imported = import_state_dict(args.source, n_heads=args.n_heads, n_layers=args.n_layers, act_fn=args.act_fn, n=args.n,
                                  zero_head=args.zero_head, samples=args.samples, seed=args.seed,
-                                 command=" ".join(["legointerp", *sys.argv[1:]]))
+                                 command=_command())
     save_checkpoint(imported.checkpoint, args.out)
     record = {"checkpoint": str(args.out), "source": str(args.source), **imported.to_dict()}
     _emit(args, pd.DataFrame([record]).T.reset_index().set_axis(["", "value"], axis=1), record)
@@ -604,7 +611,7 @@ def _replicate(args) -> None:
 
     keys = list(FINDINGS) if "all" in args.findings else list(dict.fromkeys(args.findings))
     scale = replace(SCALES[args.scale], device=args.device, seeds=tuple(range(args.seeds)))
-    command = " ".join(["legointerp", *sys.argv[1:]]) if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
+    command = _command() if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
     rows = []
     for key in keys:
         row = replicate(key, scale, args.runs, args.out, jobs=args.jobs, command=command)

@@ -1,10 +1,12 @@
 import io
 import json
+import sys
 
 import pytest
 import torch
 
 from legointerp.checkpoint import Checkpoint, save_checkpoint
+from legointerp import cli
 from legointerp.cli import EXIT_BROKEN_PIPE, main
 from legointerp.heads import LABEL_THRESHOLD, RECORD_FIELDS
 from legointerp.task import LegoTask, TaskConfig
@@ -277,3 +279,12 @@ def test_terminal_tables_fit_120_columns_and_explain_on_stdout(capsys, tmp_path,
         assert "training sentences" in out and "verdict:" in out
     if argv[0] == "zoo":
         assert "counter-at-bos description: hand-set shortcut" in out
+
+
+def test_recorded_commands_name_no_folder_of_the_machine(monkeypatch):
+    from legointerp.checkpoint import load_checkpoint, resolve
+
+    monkeypatch.setattr(sys, "argv", ["legointerp", "train", "--out", "/home/me/runs/m.pt", "--log=/srv/x/y.jsonl", "--seed", "1"])
+    assert cli._command() == "legointerp train --out m.pt --log=y.jsonl --seed 1"
+    for shipped in ("bundled", "bundled-shortcut"):
+        assert " /" not in load_checkpoint(resolve(shipped)).command
