@@ -24,6 +24,7 @@ from legointerp.files import atomic_write
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig
 from legointerp.options import resolve_device
 from legointerp.task import LegoError, LegoTask, TaskConfig
+from legointerp.threads import set_threads_for
 
 FORMAT = "legointerp-checkpoint/1"
 BUNDLED = "bundled"
@@ -191,6 +192,8 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
                ) -> tuple[LegoTransformer, LegoTask, Checkpoint]:
-    """The hooked model (eval mode), its task and the checkpoint record, from one file."""
+    """The hooked model (eval mode), its task and the checkpoint record, from one file.  On the CPU, a small model
+    gets one thread (:mod:`legointerp.threads`; LEGOINTERP_THREADS or OMP_NUM_THREADS overrides it)."""
     checkpoint = load_checkpoint(path)
+    set_threads_for(checkpoint.model_config, resolve_device(device))
     return checkpoint.build_model(device), checkpoint.build_task(), checkpoint
