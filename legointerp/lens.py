@@ -83,8 +83,8 @@ class LogitLensResult:
         figure = go.Figure(go.Heatmap(z=self.accuracy, customdata=self.logit_difference, zmin=1 / n_classes, zmax=1,
                                       colorscale="Viridis", hovertemplate=hover,
                                       colorbar=dict(title="accuracy")))
-        figure.update_layout(title="Logit lens: each layer's residual stream at the readout token, through ln_final "
-                                   "and the unembedding", xaxis=dict(title="chain depth", dtick=1),
+        figure.update_layout(title="Logit lens<br><sup>each layer's residual stream at the readout token, through "
+                                   "ln_final and the unembedding</sup>", xaxis=dict(title="chain depth", dtick=1),
                              yaxis=dict(title="layer (0 = embeddings)", dtick=1), template="plotly_white", height=460)
         return figure
 
@@ -148,7 +148,7 @@ class LogitAttribution:
                                       colorscale="RdBu", hovertemplate=hover, colorbar=dict(title="logit<br>difference")))
         ticks = [f"{k}<br>({x:.1f})" for k, x in enumerate(total)]
         figure.update_layout(
-            title="Direct logit attribution: what each component writes along the answer's classifier direction",
+            title="Direct logit attribution<br><sup>what each component writes along the answer's classifier direction</sup>",
             xaxis=dict(title="chain depth (the model's mean logit difference, which each column sums to)",
                        tickvals=list(range(len(total))), ticktext=ticks),
             yaxis=dict(title="component", autorange="reversed"), template="plotly_white",

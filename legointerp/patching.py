@@ -347,13 +347,15 @@ def patching_figure(result: PatchingResult) -> go.Figure:
     measured = result.agreements.iloc[0]
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                            subplot_titles=["exact patching of resid_pre (1 = clean answers restored)",
-                                           f"gradient estimate ({method}) of exact minus corrupted: Pearson r = "
+                                           f"gradient estimate ({method}) of exact minus corrupted<br>Pearson r = "
                                            f"{measured.pearson:.2f}, Spearman rho = {measured.spearman:.2f} with exact"])
+    figure.update_annotations(font_size=12)  # so that a two-line title fits write_image's default 700 px
     for row, matrix in enumerate([result.resid_pre, result.attribution_resid], start=1):
         figure.add_trace(go.Heatmap(z=matrix.numpy(), x=result.positions, colorscale="RdBu", zmid=0,
                                     colorbar=dict(len=0.45, y=0.78 if row == 1 else 0.22),
                                     hovertemplate="%{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"), row=row, col=1)
     figure.update_yaxes(title="layer", autorange="reversed", dtick=1)
     figure.update_xaxes(title="position:token #chain depth of its clause", row=2, col=1)
-    figure.update_layout(title=f"Activation patching: {result.corruption}", template="plotly_white", height=680)
+    figure.update_layout(title=f"Activation patching: {result.corruption}", template="plotly_white", height=680,
+                         margin=dict(t=110))
     return figure

@@ -366,9 +366,12 @@ def shortcut_figure(result: ShortcutResult) -> go.Figure:
     """The evidence side by side, the last position in red and the middle ones in blue."""
     n = len(result.resolution_layer)
     colour = ["#e45756" if k == n - 1 else "#4c78a8" if k in result.middle else "#bbbbbb" for k in range(n)]
-    figure = make_subplots(rows=2, cols=3, vertical_spacing=0.2, horizontal_spacing=0.08, subplot_titles=[
-        "rewired last clause: answered by", "training sentences until a position left chance", "probe resolution layer",
-        "attention onto operator tokens (best head per layer)", f"answer through the chain (flip at depth {result.flip_depth})"])
+    # two-line subplot titles: at write_image's default 700 px, one-line ones run into their neighbours
+    figure = make_subplots(rows=2, cols=3, vertical_spacing=0.2, horizontal_spacing=0.1, subplot_titles=[
+        "rewired last clause:<br>answered by", "training sentences until<br>a position left chance",
+        "probe resolution<br>layer", "attention onto operators<br>(best head per layer)",
+        f"answer through the chain<br>(flip at depth {result.flip_depth})"])
+    figure.update_annotations(font_size=12)
     positions = [f"#{k}" for k in range(n)]
     if result.counterfactual is not None:
         figure.add_trace(go.Bar(x=["the count", "the chain"], y=[result.counterfactual["count"], result.counterfactual["chain"]],

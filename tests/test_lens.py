@@ -80,6 +80,8 @@ def test_frames_and_figures_skip_depths_no_sentence_reaches(task):
     assert frame.groupby("depth")["attribution"].sum()[:5].to_numpy() == pytest.approx(
         frame.groupby("depth")["logit_difference"].first()[:5].to_numpy(), abs=1e-4)
     assert len(attribution.plot().data) == 1 and len(logit_lens(model, batch).plot().data) == 1
+    for figure in (attribution.plot(), logit_lens(model, batch).plot()):  # the title fits write_image's 700 px
+        assert len(figure.layout.title.text.split("<br>")[0]) <= 40
 
 
 def test_post_ln_models_are_refused_with_one_clear_line(task):

@@ -104,7 +104,9 @@ def test_patch_result_tables_and_figure(task):
     assert len(frame) == 2 * task.n_ctx * (1 + 4)
     assert frame["token"].iloc[0] == "0:[BOS]" and "agreement" in result.to_dict()
     assert -1 <= result.agreement <= 1
-    assert len(result.plot().data) == 2
+    figure = result.plot()
+    assert len(figure.data) == 2  # and the subplot titles fit write_image's default 700 px: ~80 characters at 12 px
+    assert all(note.font.size == 12 and len(line) <= 80 for note in figure.layout.annotations for line in note.text.split("<br>"))
     agreements = result.agreements.set_index("site")
     assert list(agreements.index) == ["resid_pre", "head_z"] and agreements["sites"].tolist() == [2 * task.n_ctx, 8 * task.n_ctx]
     assert agreements[["pearson", "spearman"]].abs().le(1).all().all()

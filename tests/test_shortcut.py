@@ -134,6 +134,8 @@ def test_shortcut_result_exports(verdicts):
     assert document["verdict"] == "shortcut" and len(document["resolution_layers"]) == 12
     figure = result.plot()
     assert "shortcut" in figure.layout.title.text and len(figure.data) >= 5
+    # at write_image's default 700 px a third of the width holds ~26 characters of a 12 px subplot title per line
+    assert all(len(line) <= 26 for note in figure.layout.annotations for line in note.text.split("<br>"))
 
 
 def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path):
