@@ -324,14 +324,15 @@ def head_map_figure(report: HeadReport) -> go.Figure:
     drop = [c for c in DROPS if c in frame]
 
     def hover(r):
-        lines = [f"L{r.layer}H{r.head}: <b>{r.label}</b> (at the {r.role} token, lift {r.lift:.2f})",
+        lines = [f"L{r['layer']}H{r['head']}: <b>{r.label}</b> (at the {r.role} token, lift {r.lift:.2f})",
                  f"self {r['self']:.2f}, entropy {r.entropy:.2f}"]
         return "<br>".join(lines + [f"{c.replace('_', ' ')}: {r[c]:.2f}" for c in drop])
-    text = frame.apply(hover, axis=1).to_numpy().reshape(n_layers, n_heads)
+    details = frame.apply(hover, axis=1).to_numpy().reshape(n_layers, n_heads)
     cell = frame.apply(lambda r: f"{r.label}<br>{r.lift:.2f}", axis=1).to_numpy().reshape(n_layers, n_heads)
     scale = [[(i + e) / len(present), COLOURS[name]] for i, name in enumerate(present) for e in (0, 1)]
-    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(present), colorscale=scale, text=text, customdata=cell,
-                                  texttemplate="%{customdata}", hovertemplate="%{text}<extra></extra>", xgap=2, ygap=2,
+    # a Heatmap's texttemplate reads only text, x, y and z (a customdata field renders "-"), so the cell shows text
+    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(present), colorscale=scale, text=cell, customdata=details,
+                                  texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>", xgap=2, ygap=2,
                                   showscale=False, textfont=dict(size=9)))
     for name in present:
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,

@@ -229,7 +229,8 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
                      "The grey step (right axis) is the curriculum: the longest chain in the training sentences. Test "
                      "sentences always have the full chain, so positions stay near chance while training chains are "
                      "short, and move together as the curriculum reaches them." if curriculum else "")
-                + figure_html(training_curves_figure(log, supervised), "training-curves")),
+                + (figure_html(training_curves_figure(log, supervised), "training-curves") if log
+                   else read("No training log found beside the checkpoint, so there are no curves to draw."))),
         Section("Attention heads",
                 read("Each head's attention by query role and kind of key (association: identical tokens; manipulation: "
                      "the query's own clause; chain step: the clause defining the query's operand; operators: other "

@@ -129,6 +129,19 @@ def test_records_and_offline_attention_view(task):
     assert report.plot().data[0].z.shape == (2, 4)
 
 
+def test_head_map_cells_show_label_and_lift_and_hover_names_the_head(task):
+    model = small_model(task, n_layers=2)
+    report = classify_heads(model, task.sample(16, torch.Generator().manual_seed(2)), task, ablate=False)
+    heatmap = report.plot().data[0]
+    assert heatmap.texttemplate == "%{text}"  # a Heatmap's texttemplate cannot read customdata: it renders "-"
+    scores = report.scores.set_index(["layer", "head"])
+    for layer in range(2):
+        for head in range(4):
+            row = scores.loc[(layer, head)]
+            assert heatmap.text[layer][head] == f"{row.label}<br>{row.lift:.2f}"
+            assert heatmap.customdata[layer][head].startswith(f"L{layer}H{head}: <b>{row.label}</b>")
+
+
 def test_hardcoded_heads_are_labelled_with_their_fixed_pattern_and_ablate(task):
     model = small_model(task, n_layers=2, hardcoded=("association", "manipulation", None, None),
                         variable_offset=task.variable_offset)
