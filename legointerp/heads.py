@@ -411,8 +411,19 @@ def causal_evidence(scores: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
+def head_verdict(row) -> str:
+    """A head's label in words: "chain step", "mixed: manipulation + chain step", "inert: attends like a chain step"."""
+    attends = row["attends"]
+    if row["label"] != "inert":
+        return attends
+    if attends in ("diffuse", "structured"):
+        return f"inert: attends {'diffusely' if attends == 'diffuse' else 'in a structure of no kind'}"
+    return f"inert: attends like {'a ' if attends in STEPS + ('previous token', 'next token') else ''}{attends}"
+
+
 def head_map_figure(report: HeadReport) -> go.Figure:
-    """Layer x head grid coloured by label (only the labels that occur), lift and ablation drops on hover."""
+    """Layer x head grid coloured by label (only the labels that occur; a flagged head's cell says "check"), the
+    evidence behind each label and the ablation drops on hover."""
     frame = report.scores
     present = [name for name in COLOURS if name in set(frame["label"])]
     n_layers, n_heads = frame["layer"].max() + 1, frame["head"].max() + 1
@@ -420,19 +431,27 @@ def head_map_figure(report: HeadReport) -> go.Figure:
     drop = [c for c in DROPS if c in frame]
 
     def hover(r):
-        lines = [f"L{r.layer}H{r.head}: <b>{r.label}</b> (at the {r.role} token, lift {r.lift:.2f})",
-                 f"self {r['self']:.2f}, entropy {r.entropy:.2f}"]
+        lines = [f"L{r['layer']}H{r['head']}: <b>{head_verdict(r)}</b> (at the {r['role']} token, lift {r['lift']:.2f})",
+                 f"runner-up: {r['runner_up'] or '-'} {r['runner_up_lift']:.2f}; output norm {r['output']:.3f} of the largest",
+                 f"self {r['self']:.2f}, entropy {r['entropy']:.2f}"]
+        lines += [f"evidence: {r['evidence']} {r['evidence_drop']:.2f}"] if r["evidence"] not in ("", "weights") else []
+        lines += [f"<b>check</b>: {r['flag']}"] if r["flag"] else []
         return "<br>".join(lines + [f"{c.replace('_', ' ')}: {r[c]:.2f}" for c in drop])
-    text = frame.apply(hover, axis=1).to_numpy().reshape(n_layers, n_heads)
-    cell = frame.apply(lambda r: f"{r.label}<br>{r.lift:.2f}", axis=1).to_numpy().reshape(n_layers, n_heads)
+
+    def cell(r):
+        second = f"({r['attends']})" if r["label"] == "inert" else f"{r['lift']:.2f}"
+        return f"{r['label']}<br>{second}" + ("<br><b>check</b>" if r["flag"] else "")
+    hovers = frame.apply(hover, axis=1).to_numpy().reshape(n_layers, n_heads)
+    cells = frame.apply(cell, axis=1).to_numpy().reshape(n_layers, n_heads)
     scale = [[(i + e) / len(present), COLOURS[name]] for i, name in enumerate(present) for e in (0, 1)]
-    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(present), colorscale=scale, text=text, customdata=cell,
-                                  texttemplate="%{customdata}", hovertemplate="%{text}<extra></extra>", xgap=2, ygap=2,
+    figure = go.Figure(go.Heatmap(z=code + 0.5, zmin=0, zmax=len(present), colorscale=scale, text=cells, hovertext=hovers,
+                                  texttemplate="%{text}", hovertemplate="%{hovertext}<extra></extra>", xgap=2, ygap=2,
                                   showscale=False, textfont=dict(size=9)))
     for name in present:
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
                                     marker=dict(size=12, symbol="square", color=COLOURS[name])))
-    figure.update_layout(title=f"Attention heads by kind (label where lift >= {LABEL_THRESHOLD})", template="plotly_white",
+    figure.update_layout(title=f"Attention heads by kind (label where lift >= {LABEL_THRESHOLD}; inert: writes or "
+                               f"costs nothing)", template="plotly_white",
                          xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1, autorange="reversed"),
                          height=160 + 34 * n_layers, width=460 + 90 * n_heads)
     return figure
