@@ -189,7 +189,7 @@ def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, 
 
 def output_norms(model) -> np.ndarray:
     """(L, H) each head's OV norm (its +bI identity copy included) over the model's largest: 0 writes nothing."""
-    norms = model.OV.norm().detach().float().cpu().numpy()
+    norms = model.OV.AB.detach().float().flatten(-2).norm(dim=-1).cpu().numpy()  # (L, H, D, D) is small; no SVD
     return norms / max(float(norms.max()), np.finfo(np.float32).tiny)
 
 

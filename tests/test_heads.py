@@ -176,10 +176,10 @@ def test_ablation_removes_the_identity_copy_of_plus_b_i_heads_too(task):
         patch_head_z(model, pair, normalised_metric(model, pair))
 
 
-def _decoy(name: str, ablate: bool, samples: int = 48):
+def _decoy(name: str, ablate: bool, samples: int = 24):
     built = zoo.build(name)
     report = classify_heads(built.model, fresh_batch(built.task, samples, seed=3), built.task, ablate=ablate)
-    return built, report.to_frame().set_index(["layer", "head"])
+    return built, report.to_frame().set_index(["layer", "head"]), report
 
 
 def _assert_truth(built, frame):
@@ -193,7 +193,7 @@ def _assert_truth(built, frame):
 def test_heads_that_write_nothing_are_inert_whatever_their_attention(name):
     """Shadows attend exactly like the planted heads, idle heads have random queries and keys: W_O = 0 makes them
     inert by their weights alone, with no ablation run, and their attention stays on record."""
-    built, frame = _decoy(name, ablate=False)
+    built, frame, _ = _decoy(name, ablate=False)
     _assert_truth(built, frame)
     inert = frame[frame["label"] == "inert"]
     assert (inert["evidence"] == "weights").all() and (inert["output"] == 0).all()
@@ -205,7 +205,7 @@ def test_a_tie_is_decided_by_the_keys_only_one_kind_has():
     """L0H0 brings each clause's operand to every token of the clause: manipulation at the variable, and the operand's
     attention on itself, which association's mask explains equally (lift 1.00 both): the variables, where both kinds
     do their job, decide.  The chain steps tie with association at the operand tokens in the same way."""
-    built, frame = _decoy("operand-fetcher", ablate=False)
+    built, frame, _ = _decoy("operand-fetcher", ablate=False)
     _assert_truth(built, frame)
     head = frame.loc[(0, 0)]
     assert head["runner_up"] == "association" and head["runner_up_lift"] >= head["lift"] - TIE
@@ -215,18 +215,18 @@ def test_a_tie_is_decided_by_the_keys_only_one_kind_has():
 
 def test_a_head_counting_the_signs_at_the_last_variable_is_operators():
     """The counting head rests on BOS everywhere but at the last variable, where it attends to the operators."""
-    built, frame = _decoy("counter-only-last", ablate=False)
+    built, frame, _ = _decoy("counter-only-last", ablate=False)
     assert frame.loc[(1, 3), ["label", "role"]].tolist() == ["operators", "last variable"]
     assert frame.loc[(1, 3), "lift"] > 0.8 and frame.loc[(1, 3), "runner_up"] != "broadcast"
 
 
 @pytest.fixture(scope="module")
 def both_ends():
-    return _decoy("both-ends", ablate=True)
+    return _decoy("both-ends", ablate=True, samples=48)
 
 
 def test_the_truncated_test_follows_a_reverse_step_backwards(both_ends):
-    built, frame = both_ends
+    built, frame, _ = both_ends
     _assert_truth(built, frame)
     reverse = frame[frame["attends"] == "reverse step"]
     forward = frame[frame["attends"] == "chain step"]
@@ -236,13 +236,12 @@ def test_the_truncated_test_follows_a_reverse_step_backwards(both_ends):
 
 
 def test_every_label_shows_its_evidence_and_a_disagreement_is_flagged(both_ends):
-    built, frame = both_ends
+    built, frame, report = both_ends
     working = frame[frame["label"] != "inert"]
     assert working["runner_up"].isin(KINDS).all() and working["runner_up_lift"].notna().all()
     named = working.apply(lambda r: r[f"{r['evidence']}_drop"], axis=1)
     assert np.allclose(named, working["evidence_drop"]) and (working["evidence_drop"] > INERT_DROP).all()
     # the forward depth's truncated drop for a reverse step: the step test finds nothing the full ablations find
-    report = classify_heads(built.model, fresh_batch(built.task, 48, seed=3), built.task)
     wrong = report.scores.assign(truncated_drop=report.drops["truncated"]["forward"].to_numpy())
     flags = causal_evidence(wrong).set_index(["layer", "head"]).loc[frame.index[frame["attends"] == "reverse step"], "flag"]
     assert flags.str.contains("truncated test").all()
