@@ -2,8 +2,8 @@
 
 **Where each head looks.**  For every (layer, head), every *query role* (the clause's first token, i.e. the variable
 whose value is read out; the same restricted to clauses not yet resolved at that layer; the last variable, read by
-no clause, where the shortcut answers; ``=``; the operator; the operand; ``;``; BOS; EOS) and every *kind* of key set, the attention mass the role's queries put on the kind's keys,
-as a *lift* over a uniform head: ``(mass - uniform) / (1 - uniform)`` (1: all mass there, 0: no more than chance).
+no clause, where the shortcut answers; ``=``; the operator; the operand; ``;``; BOS; EOS) and every *kind* of key
+set, the attention mass the role's queries put on the kind's keys, as a *lift* over a uniform head: ``(mass - uniform) / (1 - uniform)`` (1: all mass there, 0: no more than chance).
 The kinds are the paper's *association* (identical tokens, the query itself included: 1[u_i = u_j]), *manipulation*
 (the other tokens of the query's clause) and *broadcast* (BOS/EOS), and, from the chain metadata, the *chain step*
 (a clause's first token to the first token of the clause defining its operand), the *reverse step* (to the clause
