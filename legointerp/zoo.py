@@ -265,14 +265,15 @@ class _Builder:
         token); the last variable, read by no clause, finds none and rests on BOS.  Writes ``used``."""
         self.head(layer, head, [("var", "var", SCORE)], [("role3", SCORE), ("bos", 1.5 * SCORE)], [("role3", "used")])
 
-    def parity(self, layer: int, count: str, gate: list[tuple[str, int, float]], gate_bias: float, out: str) -> None:
-        """Writes the parity of ``count`` * n minus signs as a value one-hot into ``out`` where the gate is open:
-        odd = sum_j (-1)^(j+1) [c >= j], each step the difference of two GELU ramps one unit apart."""
+    def parity(self, layer: int, count: str, gate: list[tuple[str, int, float]], gate_bias: float, out: str,
+               scale: float = 1.0) -> None:
+        """Writes ``scale`` times the parity of ``count`` * n minus signs as a value one-hot into ``out`` where the gate
+        is open: odd = sum_j (-1)^(j+1) [c >= j], each step the difference of two GELU ramps one unit apart."""
         minus, plus = 1, 0
         n = self.n
-        self.neuron(layer, gate, gate_bias + SHARP / 2, [(out, plus, 1.0)])  # even until a step says otherwise
+        self.neuron(layer, gate, gate_bias + SHARP / 2, [(out, plus, scale)])  # even until a step says otherwise
         for j in range(1, n + 1):
-            sign = 1.0 if j % 2 else -1.0
+            sign = scale if j % 2 else -scale
             for offset, weight in ((1 - j, 1.0), (-j, -1.0)):
                 step = [(out, minus, sign * weight * 0.5), (out, plus, -sign * weight * 0.5)]
                 self.neuron(layer, [(count, minus, SHARP * n)] + gate, gate_bias + SHARP * offset, step)
@@ -398,7 +399,8 @@ def sign_counter(where: str = "last", task_config: TaskConfig = ZOO_TASK) -> Zoo
         planted = {(0, 3): "operators", (1, 1): "broadcast"}
     elif where == "only-last":
         b.head(1, 3, [("role0", "is_op", SCORE), ("used", "is_op", -SCORE)], [("bos", SCORE / 2)], [("op", "count")])
-        b.parity(1, "count", UNUSED_CLAUSE_START, -GATE, "value")
+        # twice the weight of a chain step landing in the same layer (a last clause rewired to read the root's)
+        b.parity(1, "count", UNUSED_CLAUSE_START, -GATE, "value", scale=2.0)
         planted = {(1, 3): "operators"}
     for layer in range(1, n):
         b.chain_step(layer, 0)
