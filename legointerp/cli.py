@@ -341,20 +341,25 @@ def _check_against_model(args, model) -> None:
 
 
 def _heads(args) -> None:
-    from legointerp.heads import DIFFUSE_ENTROPY, DROPS, LABEL_THRESHOLD, THRESHOLDS, attention_view_html, classify_heads
+    from legointerp.heads import (DIFFUSE_ENTROPY, DROPS, EVIDENCE, FLAG_DROP, INERT_DROP, INERT_OUTPUT, LABEL_THRESHOLD,
+                                  THRESHOLDS, attention_view_html, classify_heads)
     from legointerp.report import clearest_heads, write_html
 
     model, task, _, batch = _analysis_inputs(args)
     report = classify_heads(model, batch, task, ablate=not args.no_ablation)
     frame = report.to_frame()
-    summary = [c for c in ("layer", "head", "label", "role", "lift", "self", "entropy", *DROPS) if c in frame]
+    summary = [c for c in ("layer", "head", *EVIDENCE, *DROPS) if c in frame]
     table = frame[summary].round(3).rename(columns=lambda c: c.removesuffix("_drop").replace("every_iteration", "every iter"))
     _emit(args, frame if args.format == "csv" else table,
           {"thresholds": THRESHOLDS, "samples": len(batch), "heads": report.to_records()},
           notes=(f"{len(batch)} sentences. label: the kind whose lift over a uniform head reaches {LABEL_THRESHOLD} at "
-                 f"a query role where it does its job; diffuse: no kind and normalised entropy > {DIFFUSE_ENTROPY}; truncated, "
-                 "mean, resample (and every iter): the accuracy the head's ablation loses at the worst chain depth "
-                 "(truncated: depth l in a run of l + 1 blocks; every iter: the tied block's head in every iteration)",))
+                 f"a query role where it does its job; diffuse: no kind and normalised entropy > {DIFFUSE_ENTROPY}; "
+                 f"inert: output norm <= {INERT_OUTPUT} of the largest head's, or no own ablation costs more than "
+                 f"{INERT_DROP} (attends: its attention's kind); runner_up: the best other kind; evidence: the drop "
+                 f"confirming the label; flag: an ablation cost >= {FLAG_DROP} that the label does not explain; "
+                 "truncated, mean, resample (and every iter): the accuracy the head's ablation loses at the worst chain "
+                 "depth (truncated: depth l in a run of l + 1 blocks, n - 1 - l for a reverse step; every iter: the "
+                 "tied block's head in every iteration)",))
     if args.plot:
         write_html(report.plot().to_html(include_plotlyjs=True), args.plot)
     if args.view:
@@ -536,9 +541,12 @@ def _zoo(args) -> None:
                 **m.checkpoint().provenance["known"]} for m in models]
     by_kind = lambda heads: "; ".join(f"{kind}: {_head_ranges([h for h, k in heads.items() if k == kind])}"
                                       for kind in dict.fromkeys(heads.values())) or "none"
+    # an inert head built to look like a working one says what it looks like
+    expected = lambda r: by_kind({h: f"inert, attends like {r['attends'][h]}" if h in r["attends"] else kind
+                                  for h, kind in r["heads"].items() if kind != "inert" or h in r["attends"]})
     frame = pd.DataFrame({"name": [r["name"] for r in records],
                           "shortcut": [VERDICT[r["shortcut"]] for r in records],
-                          "planted heads": [by_kind(r["heads"]) for r in records],
+                          "heads should say (others: inert)": [expected(r) for r in records],
                           "resolution layers": [" ".join("-" if layer is None else str(layer) for layer in r["resolution_layer"])
                                                 for r in records],
                           "description": [r["description"] for r in records]})

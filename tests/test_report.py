@@ -191,3 +191,18 @@ def test_report_renders_offline_in_chromium_every_section_and_figure(page, tmp_p
     assert "Head Selector" in first["mounted"] and "Head Selector" in last["mounted"]  # the widget mounted both times
     assert first["source"] != last["source"]  # on another sentence
     assert result["frameHeight"] > 300  # the frame grew to its widget
+
+
+def test_shortcut_section_points_at_a_head_counting_the_signs(inputs, analyses):
+    from dataclasses import replace
+
+    from legointerp import zoo
+    from legointerp.heads import classify_heads
+
+    built = zoo.build("counter-only-last")
+    heads = classify_heads(built.model, evaluate.test_batch(built.task, 24, seed=3), built.task, ablate=False)
+    page = model_report(name="x.pt", checkpoint=inputs[2], log=inputs[4], analyses=replace(analyses, heads=heads))
+    shortcut = visible_text(page).split("id='shortcut-detection")[1].split("<h2")[0]
+    assert "L1H3 at the last variable" in shortcut
+    assert "No head is labelled operators" in visible_text(model_report(name="x.pt", checkpoint=inputs[2], log=inputs[4],
+                                                                        analyses=analyses))
