@@ -349,7 +349,8 @@ def _heads(args) -> None:
     report = classify_heads(model, batch, task, ablate=not args.no_ablation)
     frame = report.to_frame()
     summary = [c for c in ("layer", "head", *EVIDENCE, *DROPS) if c in frame]
-    table = frame[summary].round(3).rename(columns=lambda c: c.removesuffix("_drop").replace("every_iteration", "every iter"))
+    table = frame[summary].round(3).rename(columns={c: c.removesuffix("_drop").replace("every_iteration", "every iter")
+                                                    for c in DROPS})
     _emit(args, frame if args.format == "csv" else table,
           {"thresholds": THRESHOLDS, "samples": len(batch), "heads": report.to_records()},
           notes=(f"{len(batch)} sentences. label: the kind whose lift over a uniform head reaches {LABEL_THRESHOLD} at "
