@@ -252,10 +252,10 @@ class LegoTask:
 
     def chain_values(self, ops: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """(B, n) value of each chain position from its operators (B, n) and the root literal (B,)."""
-        values = torch.empty_like(ops)
+        values, act = torch.empty_like(ops), self.group.act.to(ops.device)
         previous = root
         for k in range(ops.shape[1]):  # a chain is sequential in k; every step is vectorised over the batch
-            previous = values[:, k] = self.group.act[ops[:, k], previous]
+            previous = values[:, k] = act[ops[:, k], previous]
         return values
 
     def root(self, batch: LegoBatch) -> torch.Tensor:
