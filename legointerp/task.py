@@ -127,7 +127,17 @@ class LegoBatch:
         return self.tokens.shape[0]
 
     def to(self, device) -> "LegoBatch":
-        return LegoBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        """The batch on ``device``: from the CPU to an accelerator in one copy (pinned and asynchronous on CUDA) of
+        every field packed together, not one blocking copy per field."""
+        device = torch.device(device)
+        fields = self.__dict__
+        if device.type == "cpu" or any(v.device.type != "cpu" or v.dtype != torch.long for v in fields.values()):
+            return LegoBatch(**{k: v.to(device) for k, v in fields.items()})
+        packed = torch.cat([v.flatten() for v in fields.values()])
+        cuda = device.type == "cuda"
+        moved = (packed.pin_memory() if cuda else packed).to(device, non_blocking=cuda)
+        parts = moved.split([v.numel() for v in fields.values()])
+        return LegoBatch(**{k: part.view(v.shape) for (k, v), part in zip(fields.items(), parts)})
 
     def __getitem__(self, index) -> "LegoBatch":
         return LegoBatch(**{k: v[index] for k, v in self.__dict__.items()})

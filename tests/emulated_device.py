@@ -13,7 +13,7 @@ CPU tensor, and a ``TorchDispatchMode`` sees every operation:
 - a factory given ``device=EMULATED`` makes a device tensor; a CPU generator drawing device values raises, as on CUDA;
 - ``.numpy()`` of a device tensor fails as CUDA's does (the wrapper has no CPU storage);
 - every read of a device value by the host (``item``/``bool``/``float``, a copy to the CPU, ``nonzero`` and the
-  boolean indexing that calls it) adds one to ``syncs``.
+  boolean indexing that calls it) adds one to ``syncs``; every copy from the CPU to the device, one to ``uploads``.
 
 Python (``model.to(device)``, ``x.to(device)``, ``torch.arange(n, device=x.device)``) cannot tell it from a real
 accelerator, so an analysis that passes here keeps every tensor on the model's device."""
@@ -87,6 +87,7 @@ class emulated_device(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs = 0
+        self.uploads = 0  # copies from the CPU to the device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -101,6 +102,8 @@ class emulated_device(TorchDispatchMode):
             self.syncs += 1  # a copy to the host waits for the device
         elif func in SYNCING and on_device:
             self.syncs += 1
+        elif func is aten._to_copy.default and made_on_device and not on_device:
+            self.uploads += 1
         if on_device and on_cpu and func not in TRANSFERS:
             indices_only = func in CPU_INDICES_ALLOWED and isinstance(args[0], DeviceTensor) and all(
                 t is not args[0] and t.dtype in (torch.long, torch.int, torch.bool) for t in on_cpu)

@@ -49,6 +49,17 @@ def test_the_emulated_device_refuses_mixing_and_counts_syncs():
             model(torch.ones(1, 2))
 
 
+def test_a_batch_reaches_the_device_in_one_copy(task):
+    batch = task.sample(8, torch.Generator().manual_seed(0), min_length=2)
+    with emulated_device() as device:
+        moved = batch.to(EMULATED)
+        assert device.uploads == 1 and device.syncs == 0  # one copy, and the host does not wait for it
+        assert all(getattr(moved, k).device == EMULATED for k in batch.__dict__)
+        back = moved.to("cpu")
+    for k, v in batch.__dict__.items():
+        assert torch.equal(getattr(back, k), v), k
+
+
 def _close(a, b, where="", tolerance=TOLERANCE) -> None:
     """JSON documents equal, numbers to ``tolerance`` (relative beyond 1)."""
     if isinstance(a, dict):
