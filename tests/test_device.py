@@ -155,3 +155,16 @@ def test_every_analysis_runs_on_the_device_for_every_architecture(task, variant,
             for where in (batch, batch.to(EMULATED)):
                 _close(expected, json.loads(json.dumps(analysis(on_device, where), default=float)), name, 1e-3)
             model.cpu()
+
+
+def test_replicate_analyses_run_on_the_scale_device(cuda_is_emulated):
+    from dataclasses import replace
+
+    from legointerp.checkpoint import bundled_path
+    from legointerp.replicate import SCALES, Run, _analysis_batch
+
+    scale = replace(SCALES["gpu"], device="cuda", analysis_sentences=8)
+    with emulated_device():
+        model, _, batch = _analysis_batch(Run("albert", 0, scale.base(), [], bundled_path()), scale)
+        assert next(model.parameters()).device == EMULATED and batch.tokens.device == EMULATED
+        model.cpu()
