@@ -145,12 +145,13 @@ class Inference:
 
 @torch.no_grad()
 def predict(model, batch: LegoBatch, batch_size: int = 512) -> torch.Tensor:
-    """(B, n) predicted value index per chain position, in evaluation mode and full depth."""
-    return torch.cat(list(predict_chunks(model, batch, batch_size)))
+    """(B, n) predicted value index per chain position, in evaluation mode and full depth, on ``batch``'s device."""
+    return torch.cat(list(predict_chunks(model, batch, batch_size))).to(batch.tokens.device)
 
 
 def predict_chunks(model, batch: LegoBatch, batch_size: int = 512):
-    """Yield (b, n) predictions for successive chunks of ``batch_size`` sentences, so a caller can stream them out.
+    """Yield (b, n) predictions, on the model's device, for successive chunks of ``batch_size`` sentences, so a caller
+    can stream them out.
     Mid-size chunks keep each layer's activations in cache (512 x 62 tokens: 8 MB of residual stream)."""
     engine = Inference(model)
     hooked = any(point.fwd_hooks for point in model.hook_dict.values())  # the engine never fires hooks: honour them
@@ -165,7 +166,7 @@ def predict_chunks(model, batch: LegoBatch, batch_size: int = 512):
             key_mask = None if bool(mask.all()) else mask[:, None, None, :]
             logits = engine.run(engine.embed(part.tokens), part.clause_pos, key_mask=key_mask,
                                 patterns=model.fixed_patterns(part.tokens))
-        yield logits.argmax(-1).cpu()
+        yield logits.argmax(-1)
 
 
 def accuracy_by_position(model, batch: LegoBatch) -> torch.Tensor:
@@ -232,6 +233,6 @@ def prediction_frame(task: LegoTask, batch: LegoBatch, predicted: torch.Tensor, 
     vocab, literal = np.array(task.vocab), np.array(task.group.literal_names)
     sentence = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
     names = vocab[batch.tokens.gather(1, batch.clause_pos).numpy()]
-    guess, truth = literal[predicted.numpy()], literal[batch.values.numpy()]
+    guess, truth = literal[predicted.cpu().numpy()], literal[batch.values.numpy()]
     return pd.DataFrame({"sentence": sentence[valid], "variable": names[valid], "depth": batch.depth.numpy()[valid],
                          "predicted": guess[valid], "true": truth[valid], "correct": (guess == truth)[valid]})

@@ -148,8 +148,8 @@ def _role_means(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def head_scores(model, batch: LegoBatch, task: LegoTask) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per (layer, head): label, where it was found, lift, self-attention, entropy and each kind's best lift.
     Also returns the full lifts, (L, H, R, K) with NaN where a (role, kind) has no queries."""
-    batch = batch.to("cpu")
-    patterns = attention_patterns(model, batch).float().cpu()  # (L, B, H, Q, K)
+    patterns = attention_patterns(model, batch.to(next(model.parameters()).device)).float().cpu()  # (L, B, H, Q, K)
+    batch = batch.to("cpu")  # the scores below end in numpy
     n_layers, _, n_heads, T, _ = patterns.shape
     real = batch.tokens != PAD
     n_real = real.sum(-1, keepdim=True).float()  # (B, 1)
@@ -298,7 +298,7 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
     names += [f"blocks.{layer}.{output}" for layer in range(L) for output in outputs]
     logits, cache = model.run_with_cache(*inputs, names_filter=names)
-    clean = _accuracy(logits, batch)[0]
+    clean = _accuracy(logits, batch)[0].cpu()  # the drops end in numpy
     resample = torch.roll(torch.arange(B), 1)
     columns = [f"#{k}" for k in range(batch.values.shape[1])]
     frames = {"mean": {}, "resample": {}, "truncated": {}}
@@ -325,7 +325,7 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
         variants = [(h, mean) for h in range(H)] + [(h, rolled) for h in range(H)]
         start = cache["resid_pre", layer].repeat(2 * H, 1, 1)
         full = _accuracy(model.run_with_hooks(start, *tiled_mask, start_at_layer=layer, fwd_hooks=hooks(layer, variants),
-                                              **source(2 * H)), batch)
+                                              **source(2 * H)), batch).cpu()
         truncated = model.run_with_hooks(start[: H * B], *[m[: H * B] for m in tiled_mask], start_at_layer=layer,
                                          n_layers=layer + 1, fwd_hooks=hooks(layer, variants[:H]), **source(H))
         clean_truncated = model(cache["resid_pre", layer], *mask, start_at_layer=layer, n_layers=layer + 1, **source(1))
@@ -343,7 +343,7 @@ def ablation_drops(model, batch: LegoBatch) -> dict[str, pd.DataFrame]:
         rows = {}
         for h in range(H):
             every = [hook for layer in range(L) for hook in hooks(layer, [(h, mean)])]
-            rows[f"H{h}"] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=every), batch)[0]).numpy()
+            rows[f"H{h}"] = (clean - _accuracy(model.run_with_hooks(*inputs, fwd_hooks=every), batch)[0].cpu()).numpy()
         result["every_iteration"] = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
     return result
 

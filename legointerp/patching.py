@@ -45,7 +45,7 @@ def aligned(batch: LegoBatch, template: int = 0) -> LegoBatch:
     if bool((batch.lengths != batch.values.shape[1]).any()):
         raise LegoError("patching needs full-length sentences: sample the batch without min_length")
     B, n = batch.values.shape
-    offsets = torch.arange(CLAUSE_LEN)
+    offsets = torch.arange(CLAUSE_LEN, device=batch.tokens.device)
     clauses = batch.tokens.gather(1, (batch.clause_pos[:, :, None] + offsets).flatten(1)).view(B, n, CLAUSE_LEN)
     clause_pos = batch.clause_pos[template].expand(B, n)
     tokens = batch.tokens.clone()
@@ -108,8 +108,8 @@ def _scores(metric: Metric, logits: torch.Tensor, readout: torch.Tensor, T: int)
     The metric is handed full (B, T, C) logits, NaN where the patched runs never computed them (NaN, not 0, so a
     metric that reads elsewhere fails loudly)."""
     V, B, R, C = logits.shape
-    full = torch.full((V, B, T, C), float("nan"), dtype=logits.dtype)
-    full.scatter_(2, readout.cpu()[None, :, :, None].expand(V, -1, -1, C), logits.cpu())
+    full = torch.full((V, B, T, C), float("nan"), dtype=logits.dtype, device=logits.device)
+    full.scatter_(2, readout[None, :, :, None].expand(V, -1, -1, C), logits)
     return torch.stack([metric(variant) for variant in full])
 
 
@@ -230,7 +230,7 @@ def _integrated_gradient(model, metric: Metric, clean, corrupted, name: str, ste
     clean value (every other activation of its layer stays corrupted; the later layers follow)."""
     layer = int(name.split(".")[1])
     B = corrupted[name].shape[0]
-    alphas = ((torch.arange(steps) + 0.5) / steps).view(-1, *[1] * corrupted[name].ndim)
+    alphas = ((torch.arange(steps, device=corrupted[name].device) + 0.5) / steps).view(-1, *[1] * corrupted[name].ndim)
     with torch.enable_grad():
         path = (corrupted[name] + alphas * (clean[name] - corrupted[name])).flatten(0, 1).requires_grad_()
         resid = corrupted[f"blocks.{layer}.hook_resid_pre"].repeat(steps, 1, 1)
@@ -264,6 +264,12 @@ class PatchingResult:
     attribution_head: torch.Tensor | None  # (n_layers, T, n_heads)
     attribution_steps: int = 1  # 1: attribution patching; more: integrated gradients over that many steps
     corrupted_score: float = 0.0  # the metric of the corrupted run, which the attribution is measured from
+
+    def __post_init__(self):
+        """The scores live on the CPU whatever device computed them: tables and figures read them with numpy."""
+        for name in ("resid_pre", "attribution_resid", "head_z", "attribution_head"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).cpu())
 
     @property
     def agreements(self) -> pd.DataFrame:
@@ -317,6 +323,7 @@ def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", dep
           attribution_steps: int = 4) -> PatchingResult:
     """Exact and attribution patching of one corruption (``"sign"`` at chain depth ``depth``, or ``"root"``):
     every residual site, and with ``heads`` every (layer, position, head) too."""
+    batch = batch.to(next(model.parameters()).device)
     if corruption == "root":
         pair = flip_root(task, batch)
     elif corruption == "sign":

@@ -126,10 +126,10 @@ def rewire_last(task: LegoTask, batch: LegoBatch, generator: torch.Generator) ->
     differs from the count's (the old value, the root acted on by every operator).  Returns the rewired tokens (B, T),
     the last variable's new chain value (B,) and which sentences could be rewired that way (B,) bool."""
     B, n = batch.values.shape
-    candidates = task.group.act[batch.ops[:, n - 1, None], batch.values[:, : n - 2]]  # (B, n - 2): value via depth j
+    candidates = task.group.act.to(batch.ops.device)[batch.ops[:, n - 1, None], batch.values[:, : n - 2]]  # (B, n - 2): value via depth j
     differs = candidates != batch.values[:, n - 1, None]
-    j = (torch.rand(B, n - 2, generator=generator) * differs).argmax(1)
-    rows = torch.arange(B)
+    j = (torch.rand(B, n - 2, generator=generator).to(differs.device) * differs).argmax(1)  # drawn on the CPU: the same on any device
+    rows = torch.arange(B, device=differs.device)
     tokens = batch.tokens.clone()
     tokens[rows, batch.operand_pos[:, n - 1]] = batch.tokens[rows, batch.clause_pos[rows, j]]
     return tokens, candidates[rows, j], differs.any(1)
@@ -139,7 +139,8 @@ def rewire_last(task: LegoTask, batch: LegoBatch, generator: torch.Generator) ->
 def counterfactual(model, task: LegoTask, batch: LegoBatch, seed: int = 0) -> dict[str, float]:
     """On rewired sentences (chain and count disagree): the share where the last answer is the chain's, the count's."""
     tokens, chain_value, usable = rewire_last(task, batch, torch.Generator().manual_seed(seed))
-    predicted = clause_logits(model(tokens.to(next(model.parameters()).device)).cpu(), batch)[:, -1].argmax(-1)
+    device = next(model.parameters()).device
+    predicted = clause_logits(model(tokens.to(device)), batch.to(device))[:, -1].argmax(-1).to(tokens.device)
     return {"chain": float((predicted == chain_value)[usable].float().mean()),
             "count": float((predicted == batch.values[:, -1])[usable].float().mean()), "sentences": int(usable.sum())}
 
@@ -156,7 +157,8 @@ def operator_attention(model, batch: LegoBatch, middle: list[int]) -> pd.DataFra
     """One row per (layer, head, site) for the sites BOS, EOS, the last variable and (for contrast) the middle
     variables: ``lift`` of the mass on the sentence's operator tokens over a uniform head, ``breadth`` the effective
     number of operators attended (exp of the entropy) over n."""
-    patterns = attention_patterns(model, batch).float().cpu()  # (L, B, H, T, T)
+    patterns = attention_patterns(model, batch.to(next(model.parameters()).device)).float().cpu()  # (L, B, H, T, T)
+    batch = batch.to("cpu")  # the lifts below end in pandas
     L, B, H, T, _ = patterns.shape
     n = batch.values.shape[1]
     operators = batch.clause_pos + 2  # (B, n)
@@ -217,14 +219,14 @@ def through_chain(model, task: LegoTask, batch: LegoBatch, flip_depth: int) -> d
                                                      names_filter=lambda name: name.endswith("hook_resid_pre"))
     corrupted_logits = model(pair.corrupted.tokens)
     B, n = pair.clean.values.shape
-    rows = torch.arange(B)
-    clause_tokens = pair.clean.clause_pos[:, :, None] + torch.arange(CLAUSE_LEN)  # (B, n, 5)
+    rows = torch.arange(B, device=pair.clean.tokens.device)
+    clause_tokens = pair.clean.clause_pos[:, :, None] + torch.arange(CLAUSE_LEN, device=rows.device)  # (B, n, 5)
     scores = {}
     for depth in range(flip_depth + 1, n):
         held = torch.zeros_like(pair.clean.tokens, dtype=torch.bool)
         held[rows[:, None], clause_tokens[:, :depth].flatten(1)] = True  # the chain up to the variable's operand
         held[rows, pair.clean.clause_pos[:, flip_depth] + 2] = False  # the flipped operator stays corrupted
-        target = PatchingPair(pair.clean, pair.corrupted, pair.affected & (torch.arange(n) == depth))
+        target = PatchingPair(pair.clean, pair.corrupted, pair.affected & (torch.arange(n, device=rows.device) == depth))
         high, low = logit_difference(clean_logits, target), logit_difference(corrupted_logits, target)
         if float(high - low) < SEPARABLE:
             scores[depth] = None
@@ -283,6 +285,7 @@ def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] 
                     patching_samples: int = 200) -> ShortcutResult:
     """Combine the five pieces of evidence on full-length sentences ``batch``.  ``log``: the training log's rows
     (``legointerp.train.read_log``); ``probes``: a percolation result on this model, computed here if not given."""
+    batch = batch.to(next(model.parameters()).device)
     n = batch.values.shape[1]
     if n < 4:
         raise LegoError(f"shortcut detection compares the last variable with the middle of the chain: it needs "

@@ -127,7 +127,17 @@ class LegoBatch:
         return self.tokens.shape[0]
 
     def to(self, device) -> "LegoBatch":
-        return LegoBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        """The batch on ``device``: from the CPU to an accelerator in one copy (pinned and asynchronous on CUDA) of
+        every field packed together, not one blocking copy per field."""
+        device = torch.device(device)
+        fields = self.__dict__
+        if device.type == "cpu" or any(v.device.type != "cpu" or v.dtype != torch.long for v in fields.values()):
+            return LegoBatch(**{k: v.to(device) for k, v in fields.items()})
+        packed = torch.cat([v.flatten() for v in fields.values()])
+        cuda = device.type == "cuda"
+        moved = (packed.pin_memory() if cuda else packed).to(device, non_blocking=cuda)
+        parts = moved.split([v.numel() for v in fields.values()])
+        return LegoBatch(**{k: part.view(v.shape) for (k, v), part in zip(fields.items(), parts)})
 
     def __getitem__(self, index) -> "LegoBatch":
         return LegoBatch(**{k: v[index] for k, v in self.__dict__.items()})
@@ -252,10 +262,10 @@ class LegoTask:
 
     def chain_values(self, ops: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
         """(B, n) value of each chain position from its operators (B, n) and the root literal (B,)."""
-        values = torch.empty_like(ops)
+        values, act = torch.empty_like(ops), self.group.act.to(ops.device)
         previous = root
         for k in range(ops.shape[1]):  # a chain is sequential in k; every step is vectorised over the batch
-            previous = values[:, k] = self.group.act[ops[:, k], previous]
+            previous = values[:, k] = act[ops[:, k], previous]
         return values
 
     def root(self, batch: LegoBatch) -> torch.Tensor:

@@ -11,6 +11,7 @@ Ctrl-C and SIGTERM (preemption) stop every process at the same step boundary and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -318,7 +319,8 @@ class Trainer:
                  command: str | None = None, force: bool = False, compile: bool = False):
         self.config, self.out, self.progress = config, Path(out), progress
         self.device = resolve_device(config.device)
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        self.owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+        if self.owns_group:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
@@ -416,8 +418,12 @@ class Trainer:
         patterns: list[torch.Tensor] = []
         hooks = ([(f"blocks.{layer}.attn.hook_pattern", lambda p, hook: patterns.append(p)) for layer in range(depth)]
                  if self.step < config.mimic_steps else [])
-        with self.model.hooks(fwd_hooks=hooks), torch.autocast(self.device.type, torch.bfloat16,
-                                                                enabled=self.device.type == "cuda"):
+        # the official mimicking loss reads the patterns alone: the last MLP and the unembedding get no gradient, which
+        # DDP cannot see (find_unused_parameters walks the graph from the logits, which use them), so those steps
+        # average the gradients that exist by hand and leave the others None, as one process does
+        by_hand = self.ddp is not None and hooks and config.mimic == "official"
+        with self.ddp.no_sync() if by_hand else contextlib.nullcontext(), self.model.hooks(fwd_hooks=hooks), \
+                torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.forward(batch.tokens, batch.attention_mask if padded else None, depth)
             logits = clause_logits(out, batch).float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none")
@@ -426,8 +432,14 @@ class Trainer:
                 patterns = [p.float() for p in patterns]
                 loss = (official_mimicking_loss(patterns, batch.tokens) if config.mimic == "official"
                         else loss + mimicking_loss(patterns, batch, self.task))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if by_hand:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            for g, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat / self.world, grads)):
+                g.copy_(averaged)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         if config.curriculum:
@@ -493,6 +505,19 @@ class Trainer:
         self.saved_step, self.log_live = self.step, True
         self._write_log()
 
+    def _close_group(self) -> None:
+        """Close the process group this trainer opened, once every rank has left its last collective.  Without this a
+        rank that exits first closes connections a slower rank is still reading the end of that collective from, and
+        gloo aborts the slow rank (SIGABRT, and torchrun then stops the others).  The ranks agree through the
+        rendezvous store, which is not one of the connections being closed."""
+        if not self.owns_group:
+            return
+        store = dist.distributed_c10d._get_default_store()
+        store.add("legointerp/left", 1)
+        while store.add("legointerp/left", 0) < self.world:
+            time.sleep(0.01)
+        dist.destroy_process_group()
+
     def fit(self) -> Checkpoint:
         """Train to ``config.steps``.  SIGINT (Ctrl-C) or SIGTERM on any rank stops every rank at the same step
         boundary; rank 0 saves a resumable checkpoint and :class:`Interrupted` is raised on every rank."""
@@ -524,6 +549,7 @@ class Trainer:
                     self._save(final)
                 if self.world > 1:
                     dist.barrier()
+                    self._close_group()
         finally:
             bar.close()
             if self.lock is not None:

@@ -409,6 +409,20 @@ def test_ctrl_c_under_torchrun_stops_every_rank_saves_and_resumes(tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] == steps + 2
 
 
+def test_official_mimicking_trains_under_torchrun(tmp_path):
+    """Its loss leaves the unembedding and the last layer's MLP without a gradient; DDP must expect that (it raised
+    'Expected to have finished reduction' at step 2), and the run goes on into the task loss after the mimicking."""
+    out = tmp_path / "mimic.pt"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             cli.__file__, "train", "--quiet", "--out", str(out), "--length", "4", "--d-model", "16",
+                             "--n-heads", "2", "--n-layers", "2", "--d-mlp", "32", "--batch-size", "8", "--steps", "4",
+                             "--mimic-steps", "2", "--mimic", "official", "--eval-every", "2", "--eval-size", "16",
+                             "--device", "cpu", "--format", "json"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["steps"] == 4 and load_checkpoint(out).train_state["step"] == 4
+
+
 def test_read_log_names_a_missing_or_truncated_log(tmp_path):
     with pytest.raises(LegoInterpError, match="no training log at"):
         read_log(tmp_path / "m.pt")
