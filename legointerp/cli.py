@@ -81,6 +81,8 @@ _TRAIN_HELP = {
     "seed": "seed for the weights and the data stream", "device": "cpu, cuda, cuda:N or auto",
     "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
     "save_every": "steps between checkpoint saves",
+    "snapshots": "keep N weight-only checkpoints along the run, log-spaced, in OUT.snapshots/ (legointerp timeline reads them)",
+    "snapshot_every": "keep a snapshot every K steps instead (linear spacing)",
     "hardcoded": "per head, comma-separated: a fixed attention pattern computed from the tokens (association: identical "
                  "variables; manipulation: the query's own clause; broadcast: BOS/EOS) or - for a learned head, the "
                  "same in every layer (the paper's section 5), e.g. association,manipulation,-,-",
