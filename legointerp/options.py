@@ -80,7 +80,8 @@ NON_NEGATIVE = Number(int, 0)
 SAMPLES = Number(int, 1, MAX_SAMPLES)
 # fewest sentences each analysis gives numbers for: head scores need two sentences, probes a held-out part
 ANALYSIS_SAMPLES = {"heads": Number(int, 2, MAX_SAMPLES), "probe": Number(int, 10, MAX_SAMPLES), "patch": SAMPLES,
-                    "shortcut": Number(int, 10, MAX_SAMPLES), "report": Number(int, 10, MAX_SAMPLES)}
+                    "shortcut": Number(int, 10, MAX_SAMPLES), "report": Number(int, 10, MAX_SAMPLES),
+                    "timeline": Number(int, 10, MAX_SAMPLES)}
 SEED = Number(int, 0, MAX_SEED)
 FRACTION = Number(float, 0.0, 1.0, strict_low=True)  # accuracy thresholds: 0 would pass everything
 PROPORTION = Number(float, 0.0, 1.0)

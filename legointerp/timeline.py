@@ -53,7 +53,9 @@ FUNCTIONAL_KINDS = ("association", "manipulation", "chain step", "reverse step",
 
 @dataclass(frozen=True)
 class TimelineOptions:
-    samples: int = 300  # fresh full-length sentences, shared by every snapshot
+    samples: int = 300  # fresh full-length sentences, shared by every snapshot (accuracy, probes, counterfactual)
+    head_samples: int = 120  # the first of them for the head classifier
+    shortcut_samples: int = 100  # ... and for the shortcut detector's attention and patching evidence
     seed: int = 2024
     ablate: bool = False  # the truncated-ablation drop of every head (costly)
     probes: bool = True
@@ -121,7 +123,7 @@ def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineO
                      log: list[dict]) -> list[dict]:
     """Every measurement of one model on ``batch``, as timeline rows without step and samples."""
     rows = [{"measure": "accuracy", "position": k, "value": a} for k, a in enumerate(accuracy_by_position(model, batch).tolist())]
-    heads = classify_heads(model, batch, task, ablate=options.ablate).to_frame()
+    heads = classify_heads(model, batch[:options.head_samples], task, ablate=options.ablate).to_frame()
     for r in heads.itertuples():
         rows.append({"measure": "head", "layer": r.layer, "head": r.head, "label": r.label, "value": r.lift})
         if options.ablate:
@@ -131,7 +133,8 @@ def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineO
         rows += [{"measure": "probe", "position": k, "value": np.nan if layer is None else layer}
                  for k, layer in enumerate(probes.resolution_layer)]
     if options.shortcut and batch.values.shape[1] >= MIN_SHORTCUT_LENGTH:
-        result = detect_shortcut(model, batch, task, log=log or None, probes=probes)
+        result = detect_shortcut(model, batch, task, log=log or None, probes=probes,
+                                 attention_samples=options.shortcut_samples, patching_samples=options.shortcut_samples)
         rows += [{"measure": "vote", "label": r.evidence, "value": np.nan if r.shortcut is None else float(r.shortcut)}
                  for r in result.evidence.itertuples()]
         rows.append({"measure": "verdict", "label": result.verdict, "value": np.nan})
@@ -306,14 +309,13 @@ def head_kinds_timeline_figure(timeline: Timeline) -> go.Figure:
 
     steps = sorted(heads["step"].unique())
     by_step = {step: heads[heads["step"] == step] for step in steps}
-    samples = {step: int(by_step[step]["samples"].iloc[0]) for step in steps}
     figure = go.Figure(heatmap(by_step[steps[-1]]),
                        frames=[go.Frame(data=[heatmap(by_step[s])], name=str(s)) for s in steps])
     for name in present:
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
                                     marker=dict(size=12, symbol="square", color=COLOURS[name])))
-    slider = dict(active=len(steps) - 1, currentvalue=dict(prefix="step "), pad=dict(t=40),
-                  steps=[dict(label=f"{s:,} ({samples[s]:,} sentences)", method="animate",
+    slider = dict(active=len(steps) - 1, currentvalue=dict(prefix="step "), pad=dict(t=40), font=dict(size=9),
+                  steps=[dict(label=f"{s:,}", method="animate",
                               args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True))]) for s in steps])
     figure.update_layout(title="Head kinds over training (drag the slider; the last snapshot shown)", template="plotly_white",
                          xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1, autorange="reversed"),
