@@ -447,8 +447,8 @@ def _timeline(args) -> None:
         first = result.first_appearance()
         print("\nfirst snapshot where some head carries each kind:")
         print(first.to_string(index=False) if len(first) else "none yet: every head diffuse or structured")
-        print("\nlearned: positions at >= 25% of the way from chance to 1; rungs: depths the probes resolve; "
-              "--format csv gives every measurement")
+        print("\nlearned: chain positions a quarter of the way from chance to 1; rungs: depths the probes resolve;\n"
+              "--format csv gives every measurement of every snapshot")
     else:
         _emit(args, frame, {"options": asdict(options), "rows": result.to_records(),
                             "first_appearance": result.first_appearance().to_dict(orient="records")})

@@ -47,8 +47,7 @@ from legointerp.train import read_log, snapshot_folder
 
 COLUMNS = ["step", "samples", "measure", "layer", "head", "position", "label", "value"]
 MIN_SHORTCUT_LENGTH = 4  # the detector compares the last variable with the middle of the chain
-FUNCTIONAL_KINDS = ("association", "manipulation", "chain step", "reverse step", "frontier", "operators",
-                    "previous token", "next token", "broadcast")
+NO_KIND = ("diffuse", "structured", "inert")  # head labels that name no kind of attention
 
 
 @dataclass(frozen=True)
@@ -167,14 +166,16 @@ def timeline(sources: str | os.PathLike | Iterable[str | os.PathLike], options: 
 
 def _snapshot_rows(snapshot: Snapshot, first: Checkpoint, task: LegoTask, batch: LegoBatch, options: TimelineOptions,
                    log: list[dict], device: str, cache: bool) -> pd.DataFrame:
+    """One snapshot's rows, from the cache when its file and the options are unchanged."""
     cached = snapshot.path.parent / "timeline-cache" / f"{snapshot.path.stem}-{_cache_key(snapshot.path, options)}.json"
     if cache and cached.is_file():
         rows = json.loads(cached.read_text())
     else:
         checkpoint = load_checkpoint(snapshot.path)
         if checkpoint.task_config != first.task_config:
-            raise LegoInterpError(f"{snapshot.path} was trained on another task than {first.provenance.get('command', 'the first snapshot')}: "
-                                  "a timeline compares snapshots of one run")
+            raise LegoInterpError(f"{snapshot.path} was trained on another task ({checkpoint.task_config.group}, n="
+                                  f"{checkpoint.task_config.n}) than the first snapshot ({first.task_config.group}, n="
+                                  f"{first.task_config.n}): a timeline compares snapshots of one run")
         model = checkpoint.build_model(device)
         rows = analyse_snapshot(model, task, batch, options, [r for r in log if r["step"] <= snapshot.step])
         if cache:
@@ -213,11 +214,11 @@ class Timeline:
         return self.measure("probe").pivot(index="samples", columns="position", values="value")
 
     def first_appearance(self) -> pd.DataFrame:
-        """One row per head label that ever appears (diffuse/structured left out): the first snapshot (step and
+        """One row per head kind that ever appears (``NO_KIND`` labels left out): the first snapshot (step and
         sentences) where some head carries it, and which heads do there."""
         heads = self.measure("head")
         rows = []
-        for label, found in heads[heads["label"].isin(FUNCTIONAL_KINDS + ("mixed",))].groupby("label"):
+        for label, found in heads[~heads["label"].isin(NO_KIND)].groupby("label"):
             first = found[found["step"] == found["step"].min()]
             rows.append({"label": label, "step": int(first["step"].iloc[0]), "samples": int(first["samples"].iloc[0]),
                          "heads": ", ".join(f"L{int(r.layer)}H{int(r.head)}" for r in first.itertuples())})

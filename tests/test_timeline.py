@@ -159,3 +159,27 @@ def test_the_timeline_is_tidy_cached_and_drawn(emergence, monkeypatch, one_threa
     assert len(figures["heads"].frames) == frame["step"].nunique()
     assert {trace.name for trace in figures["accuracy"].data} >= {f"#{k}" for k in range(N)}
 
+
+
+def test_the_command_prints_a_summary_and_csv_from_the_cache(emergence, capsys, one_thread):
+    options = emergence.options
+    argv = ["timeline", str(emergence.folder), "--samples", str(options.samples), "--no-shortcut", "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "chain step" in table and max(len(line) for line in table.splitlines()) <= 120
+    assert main(argv + ["--format", "csv"]) == 0
+    csv = capsys.readouterr().out
+    assert csv.splitlines()[0] == ",".join(timeline_module.COLUMNS)
+    assert len(csv.splitlines()) == len(emergence.result.to_frame()) + 1
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda tmp: tmp / "missing", "neither a snapshot folder nor a checkpoint"),
+    (lambda tmp: (tmp / "empty.snapshots").mkdir() or tmp / "empty.snapshots", "has no index.jsonl"),
+    (lambda tmp: (tmp / "bad.snapshots").mkdir() or (tmp / "bad.snapshots" / "index.jsonl").write_text("{\n")
+     or tmp / "bad.snapshots", "line 1 is not a snapshot row"),
+])
+def test_bad_runs_get_one_line_and_exit_2(tmp_path, capsys, make, says):
+    assert main(["timeline", str(make(tmp_path)), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
