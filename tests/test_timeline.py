@@ -173,11 +173,19 @@ def test_the_command_prints_a_summary_and_csv_from_the_cache(emergence, capsys, 
     assert len(csv.splitlines()) == len(emergence.result.to_frame()) + 1
 
 
+def snapshot_folder_with(tmp_path, index: str | None):
+    folder = tmp_path / "run.snapshots"
+    folder.mkdir()
+    if index is not None:
+        (folder / "index.jsonl").write_text(index)
+    return folder
+
+
 @pytest.mark.parametrize("make, says", [
     (lambda tmp: tmp / "missing", "neither a snapshot folder nor a checkpoint"),
-    (lambda tmp: (tmp / "empty.snapshots").mkdir() or tmp / "empty.snapshots", "has no index.jsonl"),
-    (lambda tmp: (tmp / "bad.snapshots").mkdir() or (tmp / "bad.snapshots" / "index.jsonl").write_text("{\n")
-     or tmp / "bad.snapshots", "line 1 is not a snapshot row"),
+    (lambda tmp: snapshot_folder_with(tmp, None), "has no index.jsonl"),
+    (lambda tmp: snapshot_folder_with(tmp, "{\n"), "line 1 is not a snapshot row"),
+    (lambda tmp: snapshot_folder_with(tmp, '{"step": 3, "samples": 9, "file": "step-3.pt"}\n'), "step-3.pt but the file is missing"),
 ])
 def test_bad_runs_get_one_line_and_exit_2(tmp_path, capsys, make, says):
     assert main(["timeline", str(make(tmp_path)), "--quiet"]) == 2
