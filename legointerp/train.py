@@ -548,10 +548,12 @@ class Trainer:
         return planned and not (self.snapshot_rows and self.snapshot_rows[-1]["step"] == self.step)
 
     def _save(self, checkpoint: Checkpoint) -> None:
-        """The checkpoint, then the log it holds (a kill in between leaves a log that --resume rebuilds)."""
+        """The checkpoint, then the log it holds (a kill in between leaves a log that --resume rebuilds), and the
+        snapshot index (a replaced run without snapshots leaves none of the old run's behind its checkpoint)."""
         save_checkpoint(checkpoint, self.out)
         self.saved_step, self.log_live = self.step, True
         self._write_log()
+        self._write_snapshot_index()
 
     def fit(self) -> Checkpoint:
         """Train to ``config.steps``.  SIGINT (Ctrl-C) or SIGTERM on any rank stops every rank at the same step

@@ -67,6 +67,8 @@ def test_a_replaced_run_leaves_no_snapshot_of_the_old_one(tmp_path, one_thread):
     Trainer(tiny_config(snapshot_every=3), out, progress=False).fit()
     Trainer(tiny_config(steps=4, snapshots=2), out, progress=False, force=True).fit()
     assert sorted(p.name for p in snapshot_folder(out).glob("step-*.pt")) == ["step-0000000.pt", "step-0000004.pt"]
+    Trainer(tiny_config(steps=4), out, progress=False, force=True).fit()
+    assert not list(snapshot_folder(out).glob("step-*.pt"))
 
 
 # ---------------------------------------------------------------------------- known emergence
