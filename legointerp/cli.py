@@ -430,8 +430,9 @@ def _timeline_of(sources, options, args):
     from legointerp.timeline import timeline
 
     return timeline(sources, options, device=args.device, cache=not getattr(args, "no_cache", False),
-                    progress=lambda snapshots: tqdm(snapshots, desc="timeline", unit="snapshot", file=sys.stderr,
-                                                    disable=getattr(args, "quiet", False), leave=False))
+                    jobs=getattr(args, "jobs", 1),
+                    progress=lambda items, total: tqdm(items, total=total, desc="timeline", unit="snapshot", file=sys.stderr,
+                                                       disable=getattr(args, "quiet", False), leave=False))
 
 
 def _timeline(args) -> None:
@@ -600,6 +601,8 @@ def _add_timeline(sub) -> None:
     parser.add_argument("--no-probes", action="store_true", help="skip the probes (the shortcut detector still fits them)")
     parser.add_argument("--no-shortcut", action="store_true", help="skip the shortcut detector")
     parser.add_argument("--no-cache", action="store_true", help="recompute every snapshot and write no cache")
+    parser.add_argument("--jobs", type=COUNT, default=os.cpu_count() or 1,
+                        help="snapshots analysed at once, in processes sharing the threads (default: the CPU count)")
     parser.add_argument("--plot", type=output_file, help="write the four timeline figures to this HTML file")
     parser.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -27,15 +27,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
-from legointerp.checkpoint import Checkpoint, load_checkpoint
+from legointerp.checkpoint import load_checkpoint
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, test_batch
 from legointerp.files import atomic_write
@@ -140,51 +143,59 @@ def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineO
     return rows
 
 
-def _cache_key(path: Path, options: TimelineOptions) -> str:
-    digest = hashlib.sha256(path.read_bytes())
+def _cache_file(snapshot: Snapshot, options: TimelineOptions) -> Path:
+    """Where one snapshot's rows are cached: keyed by the file's bytes and the options, so a changed either misses."""
+    digest = hashlib.sha256(snapshot.path.read_bytes())
     digest.update(json.dumps(asdict(options), sort_keys=True).encode())
-    return digest.hexdigest()[:20]
+    return snapshot.path.parent / "timeline-cache" / f"{snapshot.path.stem}-{digest.hexdigest()[:20]}.json"
+
+
+def _measure(snapshot: Snapshot, task: LegoTask, batch: LegoBatch, options: TimelineOptions, log: list[dict],
+             device: str) -> list[dict]:
+    """One snapshot's rows (a top-level function: worker processes run it)."""
+    checkpoint = load_checkpoint(snapshot.path)
+    if checkpoint.task_config != task.config:
+        raise LegoInterpError(f"{snapshot.path} was trained on another task ({checkpoint.task_config.group}, n="
+                              f"{checkpoint.task_config.n}) than the first snapshot ({task.config.group}, n="
+                              f"{task.config.n}): a timeline compares snapshots of one run")
+    return analyse_snapshot(checkpoint.build_model(device), task, batch, options,
+                            [row for row in log if row["step"] <= snapshot.step])
 
 
 def timeline(sources: str | os.PathLike | Iterable[str | os.PathLike], options: TimelineOptions = TimelineOptions(), *,
-             device: str = "cpu", cache: bool = True, progress: Callable[[Iterable], Iterable] = lambda it: it) -> "Timeline":
-    """The analyses on every snapshot of ``sources`` (see :func:`snapshot_list`); ``progress`` wraps the loop over
-    snapshots (e.g. ``tqdm``).  Snapshots must share one task; the batch is drawn once from it."""
+             device: str = "cpu", cache: bool = True, jobs: int = 1,
+             progress: Callable[[Iterable, int], Iterable] = lambda items, total: items) -> "Timeline":
+    """The analyses on every snapshot of ``sources`` (see :func:`snapshot_list`), the uncached ones in ``jobs``
+    processes (each with its share of the threads: small models gain more from processes than from threads);
+    ``progress(items, total)`` wraps the loop over them (e.g. ``tqdm``).  Snapshots must share one task; the batch
+    is drawn once from it."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     snapshots = snapshot_list(sources)
-    first = load_checkpoint(snapshots[0].path)
-    task = first.build_task()
+    task = load_checkpoint(snapshots[0].path).build_task()
     batch = test_batch(task, options.samples, seed=options.seed)
     log = run_log(snapshots)
-    frames = []
-    for snapshot in progress(snapshots):
-        frames.append(_snapshot_rows(snapshot, first, task, batch, options, log, device, cache))
-    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
-    frame[["layer", "head", "position"]] = frame[["layer", "head", "position"]].astype("Int64")
-    return Timeline(frame, n=task.config.n, n_classes=task.n_classes)
-
-
-def _snapshot_rows(snapshot: Snapshot, first: Checkpoint, task: LegoTask, batch: LegoBatch, options: TimelineOptions,
-                   log: list[dict], device: str, cache: bool) -> pd.DataFrame:
-    """One snapshot's rows, from the cache when its file and the options are unchanged."""
-    cached = snapshot.path.parent / "timeline-cache" / f"{snapshot.path.stem}-{_cache_key(snapshot.path, options)}.json"
-    if cache and cached.is_file():
-        rows = json.loads(cached.read_text())
+    files = {s.step: _cache_file(s, options) for s in snapshots}
+    rows = {s.step: json.loads(files[s.step].read_text()) for s in snapshots if cache and files[s.step].is_file()}
+    todo = [s for s in snapshots if s.step not in rows]
+    calls = [(s, task, batch, options, log, device) for s in todo]
+    if jobs > 1 and len(todo) > 1:
+        threads = max(1, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:
+            measured = list(progress(pool.map(_measure, *zip(*calls)), len(todo)))
     else:
-        checkpoint = load_checkpoint(snapshot.path)
-        if checkpoint.task_config != first.task_config:
-            raise LegoInterpError(f"{snapshot.path} was trained on another task ({checkpoint.task_config.group}, n="
-                                  f"{checkpoint.task_config.n}) than the first snapshot ({first.task_config.group}, n="
-                                  f"{first.task_config.n}): a timeline compares snapshots of one run")
-        model = checkpoint.build_model(device)
-        rows = analyse_snapshot(model, task, batch, options, [r for r in log if r["step"] <= snapshot.step])
+        measured = [_measure(*call) for call in progress(calls, len(todo))]
+    for snapshot, found in zip(todo, measured):
+        rows[snapshot.step] = found
         if cache:
             text = json.dumps([{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-                               for row in rows])
-            atomic_write(cached, lambda f: f.write(text.encode()))
-    frame = pd.DataFrame(rows, columns=COLUMNS[2:])
+                               for row in found])
+            atomic_write(files[snapshot.step], lambda f: f.write(text.encode()))
+    frame = pd.concat([pd.DataFrame(rows[s.step], columns=COLUMNS[2:]).assign(step=s.step, samples=s.samples)
+                       for s in snapshots], ignore_index=True)[COLUMNS]
     frame["value"] = frame["value"].astype(float)
-    return frame.assign(step=snapshot.step, samples=snapshot.samples)
+    frame[["layer", "head", "position"]] = frame[["layer", "head", "position"]].astype("Int64")
+    return Timeline(frame, n=task.config.n, n_classes=task.n_classes)
 
 
 @dataclass
