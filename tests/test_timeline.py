@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ from legointerp.errors import LegoInterpError
 from legointerp import evaluate
 from legointerp.heads import LABEL_THRESHOLD, attention_patterns
 from legointerp.model import ConfigError
+from legointerp.shortcut import learned_level, middle_depths
 from legointerp.task import LegoTask, TaskConfig
 from legointerp.timeline import TimelineOptions, snapshot_list, timeline
 from legointerp.train import TrainConfig, Trainer, snapshot_folder, snapshot_steps
@@ -193,3 +195,21 @@ def test_bad_runs_get_one_line_and_exit_2(tmp_path, capsys, make, says):
     assert main(["timeline", str(make(tmp_path)), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- a real run
+SHORTCUT_RUN = Path(__file__).parent / "data" / "shortcut.snapshots"  # see tests/data/README.md
+
+
+def test_a_real_run_in_the_shortcut_regime_turns_to_shortcut_when_the_last_position_leaves_chance(one_thread):
+    """Three snapshots of the bundled-shortcut recipe: before the last position leaves chance, just after, the end."""
+    result = timeline(SHORTCUT_RUN, TimelineOptions(), cache=False)
+    accuracy, votes = result.accuracy(), result.votes()
+    level, middle = learned_level(2), middle_depths(result.n)
+    last_learned = accuracy[result.n - 1] >= level
+    assert not last_learned.iloc[0] and last_learned.iloc[1:].all()
+    assert (accuracy.loc[last_learned, middle] < level).all().all()  # the last leaves chance before the middle ones
+    assert (votes["verdict"] == np.where(last_learned, "shortcut", "inconclusive")).all()
+    # the verdict's turn, checked by the behavioural vote alone: the rewired sentences are answered by the count
+    assert votes["counterfactual"].iloc[-1] == 1.0
+    assert votes["counterfactual"].iloc[0] != 1.0
