@@ -13,23 +13,19 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from legointerp.errors import LegoInterpError
-from legointerp.files import atomic_write
-from legointerp.model import ConfigError, LegoTransformer, ModelConfig
+from legointerp.files import BUNDLED, BUNDLED_FILES, atomic_write, shipped_folder
+from legointerp.model import LegoTransformer, ModelConfig
 from legointerp.options import resolve_device
-from legointerp.task import LegoError, LegoTask, TaskConfig
+from legointerp.task import LegoTask, TaskConfig
 
 FORMAT = "legointerp-checkpoint/1"
-BUNDLED = "bundled"
-# Models shipped with the package, by the name --ckpt accepts: the default (full supervision, follows the chain)
-# and one trained in the paper's shortcut regime (positions 0-4 and 11 supervised) for shortcut detection.
-BUNDLED_FILES = {BUNDLED: "model.pt", "bundled-shortcut": "shortcut.pt"}
 
 
 class CheckpointError(LegoInterpError):
@@ -73,7 +69,7 @@ class Checkpoint:
 
 
 def bundled_path(name: str = BUNDLED) -> Path:
-    return Path(str(resources.files("legointerp") / "data" / BUNDLED_FILES[name]))
+    return shipped_folder() / BUNDLED_FILES[name]
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
@@ -92,6 +88,19 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def torch_load(path: Path):
+    """``torch.load`` of weights only, on the CPU, with torch's own warnings silenced: whatever it finds is reported
+    by the caller in one line (a plain pickle makes torch warn about its protocol before it is refused)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
@@ -126,7 +135,7 @@ def _read(path: Path):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the save was interrupted or the copy failed; re-copy the file or retrain")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except pickle.UnpicklingError as err:
         match = re.search(r"GLOBAL (\S+)", str(err))
         if match:
@@ -150,7 +159,7 @@ def _check_weights(path: Path, payload: dict) -> dict[str, torch.Tensor]:
     if recorded is not None and recorded != weights_digest(state_dict):
         raise CheckpointError(f"{path} is corrupted: its weights do not match the checksum stored when it was saved; "
                               "re-copy the file or retrain")
-    broken = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    broken = non_finite(state_dict)
     if broken is not None:
         raise CheckpointError(f"{path} has NaN or infinite weights (first in {broken}): the run diverged; retrain with a "
                               "lower --lr or resume from an earlier copy")
@@ -178,9 +187,9 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:
             accuracy=payload.get("accuracy"),
             provenance=payload.get("provenance") or {},
         )
-    except (KeyError, TypeError, ConfigError, LegoError) as err:
+        task = checkpoint.build_task()  # a group or surface this version does not know
+    except (KeyError, TypeError, LegoInterpError) as err:  # a bad model or task config, an unknown group
         raise CheckpointError(f"{path} has a missing or invalid config ({_detail(err)}): the file is damaged or from another version; retrain") from None
-    task = checkpoint.build_task()
     expected = (task.d_vocab, task.n_classes, task.n_ctx)
     got = (checkpoint.model_config.d_vocab, checkpoint.model_config.d_vocab_out, checkpoint.model_config.n_ctx)
     if expected != got:

@@ -23,7 +23,7 @@ from legointerp.checkpoint import BUNDLED, load_model, resolve
 from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.model import forward_flops
-from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, TRAIN_OPTIONS, output_file, output_folder
+from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, SEEDS, TRAIN_OPTIONS, output_file, output_folder
 from legointerp.timeline import TimelineOptions
 from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log, snapshot_folder
 
@@ -180,6 +180,9 @@ def _source(name: str) -> str:
 def _read_lines(name: str) -> list[str]:
     """The lines of ``--file`` (``-`` or /dev/stdin: standard input), blank ones kept so that numbers match the file."""
     if name == "-":
+        if sys.stdin is None or sys.stdin.closed:  # started with <&-
+            raise LegoInterpError("--file - reads standard input, which is closed: pipe the sentences in "
+                                  "(--file - < sentences.txt) or give --file sentences.txt")
         data = sys.stdin.buffer.read()
     else:
         path = Path(name)
@@ -694,7 +697,7 @@ def _add_replicate(sub) -> None:
                         help=f"one or more of {', '.join(FINDINGS)}, or all")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                         help="cpu (n=6, small models, minutes per run) or paper (n=12, BERT-base width, for a GPU)")
-    parser.add_argument("--seeds", type=COUNT, default=3, help="seeds per arm (default: 3)")
+    parser.add_argument("--seeds", type=SEEDS, default=3, help="seeds per arm (default: 3)")
     parser.add_argument("--jobs", type=COUNT, default=1, help="trainings at once, sharing the CPU's threads (default: 1)")
     parser.add_argument("--runs", type=output_folder, default=Path("replication-runs"),
                         help="folder for the runs' checkpoints and logs (default: replication-runs)")

@@ -1,5 +1,8 @@
 """Writing files so that an interrupted write never leaves a half-written file behind, and claiming an output
-path before the work that fills it starts (its folder exists or is made, and no other process writes it)."""
+path before the work that fills it starts (its folder exists or is made, and no other process writes it).
+
+One rule for every writer (:func:`check_not_shipped`): nothing is ever written into the package's own data folder
+(the shipped models and their logs) or under a name ``--ckpt`` reads as a shipped model, ``--force`` or not."""
 
 from __future__ import annotations
 
@@ -7,13 +10,42 @@ import fcntl
 import glob
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from legointerp.errors import LegoInterpError
 
+BUNDLED = "bundled"
+# Models shipped with the package, by the name --ckpt accepts: the default (full supervision, follows the chain)
+# and one trained in the paper's shortcut regime (positions 0-4 and 11 supervised) for shortcut detection.
+BUNDLED_FILES = {BUNDLED: "model.pt", "bundled-shortcut": "shortcut.pt"}
+
 
 class OutputError(LegoInterpError):
     """An output path that cannot be written, or that another process is writing."""
+
+
+def shipped_folder() -> Path:
+    """The package's data folder: the shipped models and their training logs."""
+    return Path(str(resources.files("legointerp") / "data"))
+
+
+def check_not_shipped(path: Path, folder: bool = False, flag: str = "") -> Path:
+    """Raise :class:`OutputError` if writing ``path`` (a file, or with ``folder`` a folder to write in) would change
+    a file shipped with the package (through any relative path, symlink or mount of its data folder) or make a file
+    that ``--ckpt NAME`` never reads, because NAME means a shipped model.  Every writer calls it before writing,
+    ``--force`` or not.  ``flag`` (``--out``) starts the message."""
+    named = f"{flag} {path}".lstrip()
+    if not folder and path.name in BUNDLED_FILES:
+        raise OutputError(f"{named} has the name of a model shipped with legointerp (--ckpt {path.name} loads that one, "
+                          f"never this file): pick another name, e.g. {path.with_name(path.name + '.pt')}")
+    shipped = os.stat(shipped_folder())
+    target = path.expanduser().resolve()
+    for part in (target, *target.parents):  # compared by inode: a bind mount of the folder is the folder
+        if part.is_dir() and os.path.samestat(os.stat(part), shipped):
+            raise OutputError(f"{named} is inside legointerp's own data folder, which holds the shipped models and "
+                              f"logs and is never written: write elsewhere, e.g. {path.name}")
+    return path
 
 
 def _temp_prefix(path: Path) -> str:
@@ -22,6 +54,9 @@ def _temp_prefix(path: Path) -> str:
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` and move it into place only when complete."""
+    check_not_shipped(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder, so it cannot be replaced by a file: move the folder away or write elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
@@ -48,6 +83,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
 def prepare_output(path: Path, flag: str = "--out") -> Path:
     """Make ``path``'s folder now, before any work, or raise :class:`OutputError` naming the problem and the fix
     (whether the folder is writable is learnt by writing in it, e.g. :class:`OutputLock`'s file)."""
+    check_not_shipped(path, flag=flag)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder: pass a file path inside it, e.g. {path / 'model.pt'}")
     try:

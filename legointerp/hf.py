@@ -53,6 +53,10 @@ def hf_model_config(state: dict[str, torch.Tensor], *, n_heads: int, d_vocab_out
     else:
         n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
         d_model, d_mlp = state["encoder.layer.0.intermediate.dense.weight"].shape[1], state["encoder.layer.0.intermediate.dense.weight"].shape[0]
+    if d_model % n_heads:
+        raise HFWeightsError(f"n_heads={n_heads} (--n-heads on the command line) does not divide the weights' width "
+                             f"{d_model}: give the head count the source model was built with (12 in bert-base and "
+                             "albert-base), a divisor of its width")
     return ModelConfig(d_vocab=words.shape[0], d_vocab_out=d_vocab_out, n_ctx=n_ctx or positions.shape[0], d_model=d_model,
                        n_heads=n_heads, n_layers=n_layers, d_mlp=d_mlp, tied=albert, norm="post", eps=eps,
                        d_embed=words.shape[1] if albert else None, act_fn=act_fn or ("gelu_new" if albert else "gelu"),

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from legointerp.checkpoint import FORMAT, Checkpoint
+from legointerp.checkpoint import FORMAT, Checkpoint, non_finite, torch_load
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import clause_logits, test_batch
 from legointerp.hf import _layer_names, from_hf_state_dict, hf_model_config, is_albert
 from legointerp.model import LegoTransformer
-from legointerp.task import LegoTask, TaskConfig
+from legointerp.task import LegoError, LegoTask, TaskConfig
 
 EMBEDDINGS = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
               "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias")
@@ -76,10 +76,13 @@ def file_sha256(path: Path) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of a state dict; every other content is refused with the way to save one."""
     path = Path(path)
+    if path.is_dir():
+        raise SourceError(f"{path} is a folder: give the .pth/.pt file in it that the official code saved (e.g. "
+                          f"{path / 'mimic_bert.pth'})")
     if not path.is_file():
         raise SourceError(f"no file at {path}: give the .pth/.pt file the official code saved (e.g. mimic_bert.pth)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path)
     except pickle.UnpicklingError:
         raise SourceError(f"{path} holds more than tensors (a pickled model or object), so it was refused unread: save "
                           "the weights with torch.save(model.state_dict(), path) and import that") from None
@@ -95,6 +98,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if other is not None:  # e.g. {"model": state_dict, "optimizer": ...}: a training record around the weights
         raise SourceError(f"{path} is not a state dict: its entry {other!r} is a {type(payload[other]).__name__}, not a "
                           "tensor; save the model's weights alone with torch.save(model.state_dict(), path)")
+    broken = non_finite(payload)
+    if broken is not None:
+        raise SourceError(f"{path} has NaN or infinite weights (first in {broken}): the source run diverged; import a "
+                          "checkpoint saved before it did")
     return payload
 
 
@@ -184,12 +191,20 @@ def import_state_dict(path: str | os.PathLike, *, n_heads: int, n_layers: int | 
     if not any(key.startswith("encoder.") for key in encoder):
         raise SourceError("the state dict has embeddings but no encoder layers: import the whole BertModel / AlbertModel")
     albert = is_albert(encoder)
-    task = LegoTask(TaskConfig(surface="official", n=n))
+    try:
+        task = LegoTask(TaskConfig(surface="official", n=n))
+    except LegoError as err:
+        raise SourceError(f"--n {n}: {err}") from None
     try:
         cfg = hf_model_config(encoder, n_heads=n_heads, d_vocab_out=2, n_ctx=task.n_ctx, n_layers=n_layers,
                               act_fn=act_fn or (OFFICIAL_ALBERT_ACT if albert else "gelu"))
     except KeyError as err:
         raise SourceError(f"the state dict has no {err.args[0]}: it is not a BertModel / AlbertModel's") from None
+    rows = encoder["embeddings.position_embeddings.weight"].shape[0]
+    if task.n_ctx > rows:
+        fits = [k for k in range(1, n) if LegoTask(TaskConfig(surface="official", n=k)).n_ctx <= rows]
+        raise SourceError(f"--n {n} makes sentences of {task.n_ctx} tokens but the source's position table has {rows} "
+                          f"rows: give {f'--n {fits[-1]} or less' if fits else 'a source with more positions'}")
     if not albert and n_layers not in (None, cfg.n_layers):
         raise SourceError(f"the BERT weights hold {cfg.n_layers} layers, not n_layers={n_layers}: drop --n-layers")
     _check_encoder_keys(encoder, albert, cfg.n_layers)

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from legointerp.files import OutputError, check_not_shipped
 from legointerp.model import HARDCODED, NORMS, ConfigError
 from legointerp.pretrained import INITS, MINILM_SHAPE, minilm_dir
 from legointerp.task import SURFACES, LegoTask
 
 MAX_SAMPLES = 100_000  # sentences per analysis or batch; beyond this a CPU run takes hours and GBs
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; the data stream's step seeds are taken mod 2**63
+MAX_SEEDS = 100  # training runs per arm of a replication: each takes minutes to hours
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ ANALYSIS_SAMPLES = {"heads": Number(int, 2, MAX_SAMPLES), "probe": Number(int, 1
                     "shortcut": Number(int, 10, MAX_SAMPLES), "report": Number(int, 10, MAX_SAMPLES),
                     "timeline": Number(int, 10, MAX_SAMPLES)}
 SEED = Number(int, 0, MAX_SEED)
+SEEDS = Number(int, 1, MAX_SEEDS)
 FRACTION = Number(float, 0.0, 1.0, strict_low=True)  # accuracy thresholds: 0 would pass everything
 PROPORTION = Number(float, 0.0, 1.0)
 POSITIVE = Number(float, 0.0, strict_low=True)
@@ -220,12 +223,21 @@ def check_train_config(config) -> None:
 
 
 # ---------------------------------------------------------------------------- files
+def _check_not_shipped(path: Path, folder: bool = False) -> None:
+    try:
+        check_not_shipped(path, folder)
+    except OutputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def output_file(text: str) -> Path:
     """argparse ``type`` for a file to write: refused now, before the work, if it could not be written then.
     A missing folder is fine (it is created on writing) as long as the nearest existing one is writable."""
     path = Path(text).expanduser()
-    if not text or path.is_dir():
+    # a trailing / names a folder even before it exists: Path() would drop it and write a file of that name
+    if not text or path.is_dir() or text.endswith((os.sep, f"{os.sep}.", f"{os.sep}..")):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file: name a file inside it")
+    _check_not_shipped(path)
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -247,5 +259,6 @@ def output_folder(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder: name a folder (it is created if missing)")
+    _check_not_shipped(path, folder=True)
     output_file(str(path / "probe"))  # the same checks as for a file written inside it
     return path

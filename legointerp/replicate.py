@@ -14,6 +14,7 @@ on the mean and on every seed, ``partly`` when it holds on the mean only or for 
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -449,6 +450,12 @@ FINDINGS = {f.key: f for f in [
 ]}
 
 
+def portable(command: str) -> str:
+    """``command`` with every absolute path cut to its last part (``--runs /home/me/runs`` -> ``--runs runs``): rows
+    and tables are shipped, the folders of the machine that made them are not."""
+    return re.sub(r"(?<![\w.~:/])/[^\s=]+", lambda match: Path(match.group()).name, command)
+
+
 def replicate(key: str, scale: Scale, runs_dir: Path, out: Path, jobs: int = 1, command: str = "") -> dict:
     """Train what ``key`` needs (skipping finished runs), measure, and write ``out/KEY.json`` and the logs of its
     runs (``out/logs/SCALE/ARM-seedS.log.jsonl``).  Returns the row."""
@@ -464,7 +471,7 @@ def replicate(key: str, scale: Scale, runs_dir: Path, out: Path, jobs: int = 1, 
     all_runs = [run for arm_runs in runs.values() for run in arm_runs]
     first = all_runs[0]
     row = {"finding": key, "title": finding.title, "paper": finding.paper, "ours": ours, "verdict": verdict,
-           "rule": finding.rule, "scale": asdict(scale), "command": command,
+           "rule": finding.rule, "scale": asdict(scale), "command": portable(command),
            "arms": {arm: _arm_record(arm_runs) for arm, arm_runs in runs.items()},
            "parameters": {arm: sum(p.numel() for p in load_model(arm_runs[0].checkpoint)[0].parameters())
                           for arm, arm_runs in runs.items()},
@@ -614,7 +621,8 @@ def table(out: Path) -> str:
         lines += ["", f"### {row['finding']}", "", f"![{row['finding']}]({out.name}/{row['finding']}.png)", "",
                   f"Rule: {row['rule']}.", "",
                   f"Rerun from scratch: `legointerp replicate {row['finding']} --scale {row['scale']['name']} --jobs 2 "
-                  f"--out {out}` (finished runs under `--runs` are reused). This row was made by `{row['command']}`."]
+                  f"--out {portable(str(out))}` (finished runs under `--runs` are reused). This row was made by "
+                  f"`{row['command']}`."]
     return "\n".join(lines + ["", TABLE_END])
 
 

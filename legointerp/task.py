@@ -308,24 +308,24 @@ class LegoTask:
             lhs, words = lhs.strip(), rhs.split()
             rhs = "".join(words)
             if not found or not lhs or not rhs:
-                raise LegoError(f"clause {part!r} is not of the form 'variable{eq}op operand'")
+                raise LegoError(f"clause {_shown(part)} is not of the form 'variable{eq}op operand'")
             if lhs not in self.var_index:
-                raise LegoError(f"unknown variable {lhs!r} in clause {part!r}: variables are single letters of "
+                raise LegoError(f"unknown variable {_shown(lhs)} in clause {_shown(part)}: variables are single letters of "
                                 f"{self.config.alphabet + self.config.heldout_alphabet!r}")
             ops = [i for i, name in enumerate(self.op_names) if rhs.startswith(name)]
             if not ops or (len(words) == 2 and words[0] not in self.op_names):
-                raise LegoError(f"unknown operator in clause {part!r}: use one of {' '.join(self.op_names)}")
+                raise LegoError(f"unknown operator in clause {_shown(part)}: use one of {' '.join(self.op_names)}")
             # every split of op and operand that reads; a space written between them picks one (zN: +210 is +2 10 or +21 0)
             readings = self._readings(rhs)
             if len(words) == 2:
                 readings = [r for r in readings if self.op_names[r[0]] == words[0]]
             if not readings:
                 operand = rhs[len(max((self.op_names[i] for i in ops), key=len)):]
-                raise LegoError(f"unknown symbol {operand!r} in clause {part!r}: an operand is a variable or one of "
+                raise LegoError(f"unknown symbol {_shown(operand)} in clause {_shown(part)}: an operand is a variable or one of "
                                 f"{' '.join(self.group.literal_names)}")
             if len(readings) > 1:
                 spelled = " or ".join(f"'{lhs}{eq}{self.op_names[i]} {operand}'" for i, operand in readings)
-                raise LegoError(f"clause {part!r} is ambiguous: write a space between operator and operand, {spelled}")
+                raise LegoError(f"clause {_shown(part)} is ambiguous: write a space between operator and operand, {spelled}")
             op, operand = readings[0]
             sentence.clauses.append(Clause(lhs, op, operand, operand in self.literal_index))
         seen: set[str] = set()
@@ -393,6 +393,11 @@ class LegoTask:
         return [self.vocab[i] for i in ids.tolist()]
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: a 100,000-character name stays one short line."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def supervision_mask(n: int, n_tr: int | None = None, positions: list[int] | None = None) -> torch.Tensor:
     """(n,) bool over chain positions that carry a training loss.
 
@@ -402,7 +407,7 @@ def supervision_mask(n: int, n_tr: int | None = None, positions: list[int] | Non
         raise LegoError("give either n_tr or supervised positions, not both")
     mask = torch.zeros(n, dtype=torch.bool)
     if positions is not None:
-        bad = [p for p in positions if not -n <= p < n]
+        bad = [p for p in positions if not 0 <= p < n]
         if bad or not positions:
             raise LegoError(f"supervised positions {positions} must be chain positions in 0..{n - 1}")
         mask[torch.tensor(positions)] = True

@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from legointerp.checkpoint import BUNDLED_FILES, Checkpoint, bundled_path, load_checkpoint, resolve, save_checkpoint
+from legointerp.checkpoint import Checkpoint, load_checkpoint, resolve, save_checkpoint
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, clause_logits, test_batch
-from legointerp.files import OutputLock, atomic_write, prepare_output, remove_stale_temps
+from legointerp.files import OutputLock, atomic_write, check_not_shipped, prepare_output, remove_stale_temps
 from legointerp.model import ConfigError, LegoTransformer, ModelConfig, forward_flops
 from legointerp.options import check_train_config, resolve_device
 from legointerp.patterns import association_mask, manipulation_mask, row_normalised
@@ -300,12 +300,10 @@ class _StopRequests:
 def claim_output(out: Path, resume: bool, force: bool) -> OutputLock:
     """Refuse an --out that would destroy work or could never be loaded, make its folder, and lock it.
     Temp files that a killed save left beside it are removed (safe only now that no one else writes there)."""
-    if str(out) in BUNDLED_FILES:
-        raise ConfigError(f"--out {out} is the name of a model shipped with legointerp (--ckpt {out} loads that one, "
-                          "never this file): pick another name, e.g. --out model.pt")
-    if bundled_path().parent.resolve() in out.resolve().parents:
-        raise ConfigError(f"--out {out} is inside legointerp's own data folder, which holds the shipped models: "
-                          "write your model elsewhere, e.g. --out model.pt")
+    check_not_shipped(out, flag="--out")
+    if log_path(out).is_dir():
+        raise ConfigError(f"--out {out} keeps its training log in {log_path(out)}, which is a folder: move that folder "
+                          "away or pick another --out")
     if resume and not out.is_file():
         raise ConfigError(f"--resume found no checkpoint at {out}: point --out at the checkpoint of the run to "
                           "continue, or start a new run without --resume")
@@ -400,6 +398,9 @@ class Trainer:
             raise ConfigError(f"{self.out} was trained with other options; --resume may only change --steps and --device "
                               "(drop the other options to continue that run)")
         state = checkpoint.train_state
+        if self.config.steps < state["step"]:
+            raise ConfigError(f"--steps {self.config.steps} is below the {state['step']} steps {self.out} has already "
+                              f"trained: give --steps {state['step'] + 1} or more to continue it")
         world = state.get("world_size")  # absent in checkpoints older than this check
         if world is not None and world != self.world:
             how = f"torchrun --nproc_per_node {world}" if world > 1 else "one process (without torchrun)"

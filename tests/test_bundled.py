@@ -1,9 +1,14 @@
 """The model shipped inside the package: it loads, predicts, and still meets the accuracy recorded in it."""
 
+import json
 import math
+import re
+from pathlib import Path
 
+import torch
 
-from legointerp.checkpoint import bundled_path, load_model
+from legointerp.checkpoint import bundled_path, load_checkpoint, load_model, weights_digest
+from legointerp.files import BUNDLED_FILES, shipped_folder
 from legointerp.evaluate import accuracy_by_position, test_batch as fresh_sentences
 from legointerp.train import TrainConfig, read_log
 
@@ -39,3 +44,23 @@ def test_bundled_model_predicts_a_typed_sentence():
     batch = task.encode([sentence])
     logits = model(batch.tokens, batch.attention_mask)
     assert logits.shape == (1, task.n_ctx, task.n_classes)
+
+
+def test_shipped_models_carry_the_checksum_of_their_weights():
+    for name in BUNDLED_FILES:
+        payload = torch.load(bundled_path(name), weights_only=True)
+        assert payload["sha256"] == weights_digest(payload["state_dict"])  # so a flipped byte in a copy is refused
+
+
+# a folder of some machine at the start of a path, not inside a relative path or a URL
+MACHINE_PATH = re.compile(r"(?<![\w.~:/])/(?:work|root|home|tmp|Users|mnt|scratch|opt|var)/")
+
+
+def test_nothing_shipped_carries_a_machine_path():
+    root = Path(__file__).resolve().parents[1]
+    texts = {str(path): path.read_text() for path in [*shipped_folder().glob("*.jsonl"), *(root / "docs").rglob("*.json"),
+                                                      *(root / "docs").rglob("*.md"), root / "README.md"]}
+    texts |= {f"{name}'s provenance": json.dumps(load_checkpoint(name).provenance) for name in BUNDLED_FILES}
+    assert len(texts) > len(BUNDLED_FILES) + 2
+    found = {where: match.group() for where, text in texts.items() if (match := MACHINE_PATH.search(text))}
+    assert not found, f"absolute paths of the machine that made them: {found}"

@@ -1,11 +1,15 @@
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from legointerp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_model, save_checkpoint, weights_digest
+from legointerp.checkpoint import (Checkpoint, CheckpointError, bundled_path, load_checkpoint, load_model, save_checkpoint,
+                                   weights_digest)
+from legointerp.files import BUNDLED_FILES, OutputError, shipped_folder
+from legointerp.report import write_html
 from tests.conftest import small_model
 
 
@@ -168,3 +172,22 @@ def test_a_checkpoint_naming_code_is_called_unsafe(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="could run code") as caught:
         load_checkpoint(tmp_path / "evil.pt")
     assert "weights_only" not in str(caught.value) and not (tmp_path / "pwned").exists()
+
+
+def test_no_writer_can_change_the_shipped_files_by_any_path(task, tmp_path, monkeypatch):
+    """The rule sits under every writer (files.atomic_write), so the library refuses what the command line does."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = load_checkpoint("bundled")
+    before = {path.name: path.read_bytes() for path in shipped_folder().iterdir()}
+    (tmp_path / "link").symlink_to(shipped_folder(), target_is_directory=True)
+    relative = Path(os.path.relpath(bundled_path("bundled-shortcut"), tmp_path))
+    for target in (bundled_path(), relative, tmp_path / "link" / "model.pt", tmp_path / "link" / "new.pt"):
+        with pytest.raises(OutputError, match="data folder"):
+            save_checkpoint(checkpoint, target)
+    for name in BUNDLED_FILES:
+        with pytest.raises(OutputError, match="shipped with legointerp"):
+            save_checkpoint(checkpoint, Path(name))
+    with pytest.raises(OutputError, match="data folder"):
+        write_html("<p>", tmp_path / "link" / "model.log.jsonl")
+    assert {path.name: path.read_bytes() for path in shipped_folder().iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]

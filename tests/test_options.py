@@ -6,7 +6,8 @@ import torch
 
 from legointerp.errors import LegoInterpError
 from legointerp.model import ConfigError
-from legointerp.options import FRACTION, SAMPLES, SEED, TRAIN_OPTIONS, output_file, resolve_device
+from legointerp.files import shipped_folder
+from legointerp.options import FRACTION, SAMPLES, SEED, TRAIN_OPTIONS, output_file, output_folder, resolve_device
 from legointerp.train import PRESETS, TrainConfig
 
 
@@ -48,6 +49,11 @@ def test_output_file_accepts_a_new_folder_and_refuses_what_cannot_be_written(tmp
     assert output_file(str(tmp_path / "new" / "deeper" / "r.html")) == tmp_path / "new" / "deeper" / "r.html"
     assert not (tmp_path / "new").exists()  # checking writes nothing
     (tmp_path / "file").write_text("x")
-    for bad, reason in ((tmp_path, "folder"), (tmp_path / "file" / "r.html", "is a file")):
+    for bad, reason in ((tmp_path, "folder"), (tmp_path / "file" / "r.html", "is a file"), (f"{tmp_path}/new/", "folder"),
+                        (shipped_folder() / "model.pt", "data folder"), (shipped_folder() / "new" / "r.html", "data folder"),
+                        ("bundled", "shipped with legointerp")):
         with pytest.raises(argparse.ArgumentTypeError, match=reason):
             output_file(str(bad))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(argparse.ArgumentTypeError, match="data folder"):
+        output_folder(str(shipped_folder()))

@@ -66,8 +66,9 @@ def test_arms_with_one_config_share_one_run(tmp_path):
 def test_replicate_micro_scale_end_to_end(tmp_path):
     """R1 at a micro scale: trains 2 arms x 2 seeds, reuses them on a second call, writes the row, logs, figure, table."""
     runs, out = tmp_path / "runs", tmp_path / "replication"
-    row = replicate("R1", MICRO, runs, out, command="legointerp replicate R1")
+    row = replicate("R1", MICRO, runs, out, command=f"legointerp replicate R1 --runs {runs} --out={out}")
     assert row["verdict"] in ("yes", "partly", "no")
+    assert row["command"] == "legointerp replicate R1 --runs runs --out=replication"  # the machine's folders are not shipped
     assert set(row["arms"]) == {"albert", "bert"} and len(row["arms"]["albert"]["final"]) == 2
     assert row["arms"]["albert"]["final"][0] == json.loads(
         (out / "logs" / "micro" / "albert-seed0.log.jsonl").read_text().splitlines()[-1])["accuracy"]
@@ -80,7 +81,7 @@ def test_replicate_micro_scale_end_to_end(tmp_path):
     assert len(figure.data) == 2 + 2 * MICRO.n  # two arms' bars, then each curve panel's n positions
     text = write_table(out).read_text()
     assert table_path(out) == tmp_path / "replication.md"
-    assert "| [R1](#r1)" in text and f"**{row['verdict']}**" in text
+    assert "| [R1](#r1)" in text and f"**{row['verdict']}**" in text and str(tmp_path) not in text
 
 
 def test_replicate_resumes_an_interrupted_run(tmp_path):

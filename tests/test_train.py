@@ -120,11 +120,11 @@ def test_a_kill_inside_a_save_keeps_the_previous_checkpoint_and_resume_drops_the
 def test_refuses_outputs_that_would_lose_work_before_any_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for reserved in ("bundled", "bundled-shortcut"):
-        with pytest.raises(ConfigError, match="shipped with legointerp"):
+        with pytest.raises(LegoInterpError, match="shipped with legointerp"):
             Trainer(TINY, reserved, progress=False)
-    with pytest.raises(ConfigError, match="data folder"):
+    with pytest.raises(LegoInterpError, match="data folder"):
         Trainer(TINY, bundled_path(), progress=False)
-    with pytest.raises(ConfigError, match="data folder"):
+    with pytest.raises(LegoInterpError, match="data folder"):
         Trainer(TINY, bundled_path().with_name("new.pt"), force=True, progress=False)
     assert not bundled_path().with_name("new.pt").exists()
     (tmp_path / "file").write_text("")
