@@ -38,7 +38,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from legointerp.checkpoint import load_checkpoint
+from legointerp.checkpoint import load_checkpoint, resolve
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import accuracy_by_position, test_batch
 from legointerp.files import atomic_write
@@ -73,9 +73,10 @@ class Snapshot:
 
 def snapshot_list(sources: Iterable[str | os.PathLike]) -> list[Snapshot]:
     """The snapshots named by ``sources``: a snapshot folder (``model.snapshots``, with its ``index.jsonl``), the
-    checkpoint of a run that kept snapshots (``model.pt``), or checkpoint files, in step order.  A checkpoint that is
-    not a snapshot counts as the end of its run (its saved step) or, lacking one, by its place in the list."""
-    sources = [Path(source) for source in sources]
+    checkpoint of a run that kept snapshots (``model.pt``), or checkpoint files (``bundled`` and ``bundled-shortcut``
+    name the shipped ones), in step order.  A checkpoint that is not a snapshot counts as the end of its run (its
+    saved step) or, lacking one, by its place in the list."""
+    sources = [resolve(source) for source in sources]
     if len(sources) == 1 and sources[0].is_file() and snapshot_folder(sources[0]).is_dir():
         sources = [snapshot_folder(sources[0])]  # a run's checkpoint: the snapshots it kept
     found = []
@@ -116,9 +117,10 @@ def _indexed(folder: Path) -> list[Snapshot]:
 
 
 def run_log(snapshots: list[Snapshot]) -> list[dict]:
-    """The training log of the run the snapshots come from (``model.log.jsonl`` beside ``model.snapshots/``), if any."""
-    folder = snapshots[0].path.parent
-    return read_log(folder, missing_ok=True) if folder.suffix == ".snapshots" else []
+    """The training log of the run the snapshots come from, if any: beside its snapshot folder (``model.snapshots/``
+    -> ``model.log.jsonl``), or beside the last checkpoint given (the run's end)."""
+    last = snapshots[-1].path
+    return read_log(last.parent if last.parent.suffix == ".snapshots" else last, missing_ok=True)
 
 
 def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineOptions,
@@ -365,11 +367,13 @@ def shortcut_votes_figure(timeline: Timeline) -> go.Figure:
                                     customdata=said, showlegend=False,
                                     hovertemplate=f"{name}: %{{customdata}} after %{{x:,.0f}} sentences<extra></extra>"))
     verdict_colour = {"shortcut": "#d62728", "no shortcut": "#1f77b4"}
-    figure.add_trace(go.Scatter(x=x, y=["verdict"] * len(x), mode="markers+text", text=votes["verdict"],
+    changed = votes["verdict"].ne(votes["verdict"].shift())  # the verdict written where it changes, not at every snapshot
+    figure.add_trace(go.Scatter(x=x, y=["verdict"] * len(x), mode="markers+text", text=votes["verdict"].where(changed, ""),
+                                customdata=votes["verdict"],
                                 textposition="top center", textfont=dict(size=9), showlegend=False,
                                 marker=dict(size=16, symbol="diamond",
                                             color=[verdict_colour.get(v, "#999999") for v in votes["verdict"]]),
-                                hovertemplate="verdict: %{text} after %{x:,.0f} sentences<extra></extra>"))
+                                hovertemplate="verdict: %{customdata} after %{x:,.0f} sentences<extra></extra>"))
     _sentences_axis(figure, votes.index)
     figure.update_layout(title="Shortcut evidence over training (red: shortcut, blue: no shortcut, grey: abstains)",
                          yaxis=dict(categoryorder="array", categoryarray=["verdict", *names][::-1]),
