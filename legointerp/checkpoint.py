@@ -24,6 +24,7 @@ from legointerp.files import BUNDLED, BUNDLED_FILES, atomic_write, shipped_folde
 from legointerp.model import LegoTransformer, ModelConfig
 from legointerp.options import resolve_device
 from legointerp.task import LegoTask, TaskConfig
+from legointerp.threads import set_threads_for
 
 FORMAT = "legointerp-checkpoint/1"
 
@@ -200,6 +201,8 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
                ) -> tuple[LegoTransformer, LegoTask, Checkpoint]:
-    """The hooked model (eval mode), its task and the checkpoint record, from one file."""
+    """The hooked model (eval mode), its task and the checkpoint record, from one file.  On the CPU, a small model
+    gets one thread (:mod:`legointerp.threads`; LEGOINTERP_THREADS or OMP_NUM_THREADS overrides it)."""
     checkpoint = load_checkpoint(path)
+    set_threads_for(checkpoint.model_config, resolve_device(device))
     return checkpoint.build_model(device), checkpoint.build_task(), checkpoint

@@ -10,8 +10,10 @@ import argparse
 import functools
 import json
 import os
+import re
 import signal
 import sys
+import textwrap
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -29,19 +31,41 @@ from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_lo
 
 EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer stopped by SIGPIPE, as `seq 1e9 | head` does
+TABLE_WIDTH = 120  # a terminal table's width; --format csv keeps every column and full text
+TEXT_COLUMN = 40  # a text column wider than this is printed below the table, wrapped
 SAMPLES_HEADS = 200  # every head is ablated four ways: forward passes from its layer on
 SAMPLES_PATCH = 16  # every (layer, position, head) is a patched run
 SAMPLES_PROBE = SAMPLES_SHORTCUT = SAMPLES_REPORT = 1500
 
 
-def _emit(args, frame: pd.DataFrame, document) -> None:
-    """Print a table for people, or one JSON document / CSV for machines."""
+def _table(frame: pd.DataFrame) -> str:
+    """``frame`` fitted to TABLE_WIDTH columns: text columns wider than TEXT_COLUMN leave the table for wrapped lines
+    below it, each led by the row's first cell; the rest wrap onto further blocks of columns if they must."""
+    text = [c for c in frame.columns[1:]
+            if not pd.api.types.is_numeric_dtype(frame[c]) and frame[c].astype(str).str.len().max() > TEXT_COLUMN]
+    lines = [frame.drop(columns=text).to_string(index=False, line_width=TABLE_WIDTH)]
+    for column in text:
+        lines += [textwrap.fill(f"{key} {column}: {value}", TABLE_WIDTH, subsequent_indent="    ")
+                  for key, value in zip(frame.iloc[:, 0], frame[column])]
+    return "\n".join(lines)
+
+
+def _command() -> str:
+    """This command line as a checkpoint's provenance records it: absolute paths cut to their last part, so nothing
+    shipped names a folder of the machine that made it."""
+    return " ".join(["legointerp", *(re.sub(r"(^|=)/(?:[^/]*/)*", r"\1", arg) for arg in sys.argv[1:])])
+
+
+def _emit(args, frame: pd.DataFrame, document, notes: tuple[str, ...] = ()) -> None:
+    """Print a table for people (``notes`` below it, wrapped), or one JSON document / CSV for machines."""
     if args.format == "json":
         print(json.dumps(document, indent=2))
     elif args.format == "csv":
         print(frame.to_csv(index=False), end="")
     else:
-        print(frame.to_string(index=False))
+        print(_table(frame))
+        for note in notes:
+            print(textwrap.fill(note, TABLE_WIDTH))
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,7 +159,7 @@ def _train(args) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = replace(PRESETS[args.preset], **overrides)
     trainer = Trainer(config, args.out, resume=args.resume, force=args.force, compile=args.compile,
-                      progress=not args.quiet, command="legointerp " + " ".join(sys.argv[1:]))
+                      progress=not args.quiet, command=_command())
     if trainer.rank == 0:
         cfg = trainer.model.cfg
         learned = forward_flops(replace(cfg, hardcoded=()))
@@ -167,8 +191,9 @@ def _train(args) -> None:
 def _eval(args) -> None:
     model, task, checkpoint = load_model(args.ckpt, args.device)
     accuracy = accuracy_by_position(model, test_batch(task, args.samples, seed=args.seed, heldout=args.heldout)).tolist()
-    recorded = checkpoint.accuracy or [None] * len(accuracy)
-    frame = pd.DataFrame({"position": range(len(accuracy)), "accuracy": accuracy, "recorded": recorded})
+    frame = pd.DataFrame({"position": range(len(accuracy)), "accuracy": accuracy})
+    if checkpoint.accuracy:  # a checkpoint saved without an evaluation has none to show beside
+        frame["recorded"] = checkpoint.accuracy
     _emit(args, frame, {"checkpoint": str(args.ckpt), "samples": args.samples,
                         "accuracy": {str(k): a for k, a in enumerate(accuracy)}, "mean": sum(accuracy) / len(accuracy)})
 
@@ -319,19 +344,25 @@ def _check_against_model(args, model) -> None:
 
 
 def _heads(args) -> None:
-    from legointerp.heads import DIFFUSE_ENTROPY, DROPS, LABEL_THRESHOLD, THRESHOLDS, attention_view_html, classify_heads
+    from legointerp.heads import (DIFFUSE_ENTROPY, DROPS, EVIDENCE, FLAG_DROP, INERT_DROP, INERT_OUTPUT, LABEL_THRESHOLD,
+                                  THRESHOLDS, attention_view_html, classify_heads)
     from legointerp.report import clearest_heads, write_html
 
     model, task, _, batch = _analysis_inputs(args)
     report = classify_heads(model, batch, task, ablate=not args.no_ablation)
     frame = report.to_frame()
-    summary = [c for c in ("layer", "head", "label", "role", "lift", "self", "entropy", *DROPS) if c in frame]
-    _emit(args, frame if args.format == "csv" else frame[summary].round(3),
-          {"thresholds": THRESHOLDS, "samples": len(batch), "heads": report.to_records()})
-    if args.format == "table":
-        print(f"\n{len(batch)} sentences. label: the kind whose lift over a uniform head reaches {LABEL_THRESHOLD} at a "
-              f"query role where it does its job; diffuse: no kind and normalised entropy > {DIFFUSE_ENTROPY}; drops: "
-              "accuracy lost at the worst chain depth (truncated: depth l in a run of l + 1 blocks)")
+    summary = [c for c in ("layer", "head", *EVIDENCE, *DROPS) if c in frame]
+    table = frame[summary].round(3).rename(columns=lambda c: c.removesuffix("_drop").replace("every_iteration", "every iter"))
+    _emit(args, frame if args.format == "csv" else table,
+          {"thresholds": THRESHOLDS, "samples": len(batch), "heads": report.to_records()},
+          notes=(f"{len(batch)} sentences. label: the kind whose lift over a uniform head reaches {LABEL_THRESHOLD} at "
+                 f"a query role where it does its job; diffuse: no kind and normalised entropy > {DIFFUSE_ENTROPY}; "
+                 f"inert: output norm <= {INERT_OUTPUT} of the largest head's, or no own ablation costs more than "
+                 f"{INERT_DROP} (attends: its attention's kind); runner_up: the best other kind; evidence: the drop "
+                 f"confirming the label; flag: an ablation cost >= {FLAG_DROP} that the label does not explain; "
+                 "truncated, mean, resample (and every iter): the accuracy the head's ablation loses at the worst chain "
+                 "depth (truncated: depth l in a run of l + 1 blocks, n - 1 - l for a reverse step; every iter: the "
+                 "tied block's head in every iteration)",))
     if args.plot:
         write_html(report.plot().to_html(include_plotlyjs=True), args.plot)
     if args.view:
@@ -396,25 +427,26 @@ def _patch(args) -> None:
     result = patch(model, batch, task, corruption=args.corrupt, depth=args.depth, heads=args.heads,
                    attribution_steps=args.attribution_steps)
     frame = result.to_frame()
+    method = "attribution patching" if args.attribution_steps == 1 else f"integrated gradients ({args.attribution_steps} steps)"
+    notes = [f"{method} vs exact patching over {row.sites} {row.site} sites: Pearson r = {row.pearson:.3f}, "
+             f"Spearman rho = {row.spearman:.3f}" for row in result.agreements.itertuples()]
     if args.format == "table":
         shown = result.strongest(args.top)
-        print(shown.to_string(index=False))
-        if len(frame) > len(shown):
-            print(f"the {len(shown)} sites that move the metric most, of {len(frame)}: {len(frame) - len(shown)} more "
-                  f"with --top or --format csv/json", file=sys.stderr)
-    else:
-        _emit(args, frame, result.to_dict())
-    method = "attribution patching" if args.attribution_steps == 1 else f"integrated gradients ({args.attribution_steps} steps)"
-    for row in result.agreements.itertuples():
-        print(f"{method} vs exact patching over {row.sites} {row.site} sites: Pearson r = {row.pearson:.3f}, "
-              f"Spearman rho = {row.spearman:.3f}", file=sys.stderr)
+        notes.insert(0, "exact and attribution: the patched run's metric (0 = corrupted, 1 = clean)"
+                     + (f"; the {len(shown)} sites that move it most, of {len(frame)}: {len(frame) - len(shown)} more "
+                        "with --top or --format csv/json" if len(frame) > len(shown) else ""))
+        frame = shown.assign(head=shown["head"].map(lambda h: "-" if h < 0 else str(h)))  # residual sites have none
+    _emit(args, frame, result.to_dict(), notes=tuple(notes) if args.format == "table" else ())
+    if args.format != "table":
+        for note in notes:
+            print(note, file=sys.stderr)
     if args.plot:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
 
 
 def _shortcut(args) -> None:
     from legointerp.report import write_html
-    from legointerp.shortcut import detect_shortcut
+    from legointerp.shortcut import EVIDENCE_UNITS, detect_shortcut
 
     model, task, _, batch = _analysis_inputs(args)
     result = detect_shortcut(model, batch, task, log=read_log(args.ckpt, missing_ok=True))
@@ -422,9 +454,9 @@ def _shortcut(args) -> None:
     if args.format == "table":  # one row per piece of evidence, each in its own unit: no shared float format
         frame = frame.assign(**{c: frame[c].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}")
                                 for c in ("last", "middle")})
-    _emit(args, frame, result.to_dict())
-    if args.format == "table":
-        print(f"verdict: {result.verdict}")
+        frame.insert(4, "unit (last / middle)", frame["evidence"].map(EVIDENCE_UNITS))
+        frame["shortcut"] = frame["shortcut"].map({True: "yes", False: "no"}).fillna("-")  # None: this piece abstains
+    _emit(args, frame, result.to_dict(), notes=(f"verdict: {result.verdict}",))
     if args.plot:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
 
@@ -445,17 +477,14 @@ def _timeline(args) -> None:
                               shortcut=not args.no_shortcut)
     result = _timeline_of(args.run_sources, options, args)
     frame = result.to_frame()
+    first = result.first_appearance()
+    _emit(args, frame if args.format == "csv" else _timeline_summary(result),
+          {"options": asdict(options), "rows": result.to_records(), "first_appearance": first.to_dict(orient="records")},
+          notes=("learned: chain positions a quarter of the way from chance to 1; rungs: depths the probes resolve; "
+                 "--format csv gives every measurement of every snapshot.",))
     if args.format == "table":
-        summary = _timeline_summary(result)
-        print(summary.to_string(index=False))
-        first = result.first_appearance()
         print("\nfirst snapshot where some head carries each kind:")
-        print(first.to_string(index=False) if len(first) else "none yet: every head diffuse or structured")
-        print("\nlearned: chain positions a quarter of the way from chance to 1; rungs: depths the probes resolve;\n"
-              "--format csv gives every measurement of every snapshot")
-    else:
-        _emit(args, frame, {"options": asdict(options), "rows": result.to_records(),
-                            "first_appearance": result.first_appearance().to_dict(orient="records")})
+        print(_table(first) if len(first) else "none yet: every head diffuse, structured or inert")
     if args.plot:
         write_html(render("legointerp timeline", "", [timeline_section(result)]), args.plot)
 
@@ -568,9 +597,12 @@ def _zoo(args) -> None:
                 **m.checkpoint().provenance["known"]} for m in models]
     by_kind = lambda heads: "; ".join(f"{kind}: {_head_ranges([h for h, k in heads.items() if k == kind])}"
                                       for kind in dict.fromkeys(heads.values())) or "none"
+    # an inert head built to look like a working one says what it looks like
+    expected = lambda r: by_kind({h: f"inert, attends like {r['attends'][h]}" if h in r["attends"] else kind
+                                  for h, kind in r["heads"].items() if kind != "inert" or h in r["attends"]})
     frame = pd.DataFrame({"name": [r["name"] for r in records],
                           "shortcut": [VERDICT[r["shortcut"]] for r in records],
-                          "planted heads": [by_kind(r["heads"]) for r in records],
+                          "heads should say (others: inert)": [expected(r) for r in records],
                           "resolution layers": [" ".join("-" if layer is None else str(layer) for layer in r["resolution_layer"])
                                                 for r in records],
                           "description": [r["description"] for r in records]})
@@ -634,7 +666,7 @@ def _import(args) -> None:
         raise LegoInterpError(f"{args.out} already exists: add --force to replace it, or choose another --out")
     imported = import_state_dict(args.source, n_heads=args.n_heads, n_layers=args.n_layers, act_fn=args.act_fn, n=args.n,
                                  zero_head=args.zero_head, samples=args.samples, seed=args.seed,
-                                 command=" ".join(["legointerp", *sys.argv[1:]]))
+                                 command=_command())
     save_checkpoint(imported.checkpoint, args.out)
     record = {"checkpoint": str(args.out), "source": str(args.source), **imported.to_dict()}
     _emit(args, pd.DataFrame([record]).T.reset_index().set_axis(["", "value"], axis=1), record)
@@ -670,7 +702,7 @@ def _replicate(args) -> None:
 
     keys = list(FINDINGS) if "all" in args.findings else list(dict.fromkeys(args.findings))
     scale = replace(SCALES[args.scale], device=args.device, seeds=tuple(range(args.seeds)))
-    command = " ".join(["legointerp", *sys.argv[1:]]) if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
+    command = _command() if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
     rows = []
     for key in keys:
         row = replicate(key, scale, args.runs, args.out, jobs=args.jobs, command=command)

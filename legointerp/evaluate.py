@@ -83,6 +83,10 @@ class Inference:
         return resid if self.embed_proj is None else linear(resid, *self.embed_proj)
 
     @torch.no_grad()
+    def norm(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D): block ``layer``'s LayerNorm ``name`` ("ln1" or "ln2")."""
+        return self._norm(x, self.blocks[layer][name])
+
     def mlp(self, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D): block ``layer``'s MLP added to its input (resid_mid -> resid_post)."""
         weights = self.blocks[layer]

@@ -5,8 +5,9 @@ helpers and stacked weights, and the analyses run on it (it is ~1.5x faster than
 ``to_bridge`` exports any pre-LN model without hardcoded heads or nonzero +aI/+bI scalars (the bridge holds no
 fixed patterns, identity terms or post-LN blocks; it refuses those) to a TransformerLens 4 ``TransformerBridge``
 with equal logits, so the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers``
-blocks that all carry the shared weights.  The bridge has no tokenizer (LEGO's vocabulary is not a Hugging Face
-one): ``model.to_tokens`` makes its input.
+blocks that all carry the shared weights.  Its tokenizer is a :class:`LegoTokenizer`, a Hugging Face
+``PreTrainedTokenizer`` over the task's vocabulary, so ``bridge.to_tokens`` / ``to_str_tokens`` / ``to_string`` read
+and write LEGO sentences as ``model.to_tokens`` does.
 
 Pitfalls of transformer-lens 4.3 this respects: the bridge starts in train mode (we call eval);
 ``enable_compatibility_mode()`` with its default weight processing changes raw logits when
@@ -16,12 +17,72 @@ post-softmax pattern.
 
 from __future__ import annotations
 
+import re
+
 import torch
+from transformers import PreTrainedTokenizer
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from legointerp.errors import LegoInterpError
 from legointerp.model import LegoTransformer
+from legointerp.task import BOS, EOS, PAD, LegoError, LegoTask
+
+
+class LegoTokenizer(PreTrainedTokenizer):
+    """The task's vocabulary as a Hugging Face tokenizer: a sentence (either surface) is parsed by the task, so a
+    malformed one raises ``LegoError`` naming the problem; ids are the model's, [BOS] ... [EOS] added, padded right
+    with [PAD]."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, task: LegoTask, **kwargs):
+        self.task = task
+        self.ids = {name: i for i, name in enumerate(task.vocab)}
+        words = sorted((name for name in task.vocab if not name.startswith("[")), key=len, reverse=True)
+        self.names = re.compile("|".join(map(re.escape, words)))
+        # add_bos_token and name_or_path: the bridge rebuilds any tokenizer without them from the Hugging Face hub
+        super().__init__(bos_token=task.vocab[BOS], eos_token=task.vocab[EOS], pad_token=task.vocab[PAD],
+                         padding_side="right", add_bos_token=True, name_or_path="legointerp", **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.task.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.ids)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        """A sentence -> the model's tokens (each clause closed by its separator); a fragment (``"a"``, ``"=+1"``, as
+        TransformerLens probes a tokenizer with) -> the vocabulary names it spells, longest first."""
+        try:
+            sentence = self.task.parse(text)
+        except LegoError:
+            names = self.names.findall(text)
+            if "".join(names) != "".join(text.split()):
+                raise LegoError(f"{text!r} is not made of this task's tokens: use {' '.join(self.task.vocab)}") from None
+            return names
+        tokens = self.task.encode([sentence], n=len(sentence.clauses)).tokens[0]
+        return [name for name in self.task.token_strings(tokens) if name not in self.all_special_tokens]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.ids[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.task.vocab[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        if len(tokens) == 1:  # one token (to_str_tokens decodes them one at a time): its name
+            return tokens[0]
+        return self.task.to_text(torch.tensor([self.ids[token] for token in tokens]))
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+        if token_ids_1 is not None:
+            raise LegoInterpError("a LEGO input is one sentence, not a pair")
+        return [BOS, *token_ids_0, EOS]
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        return ()  # the vocabulary is the task's, saved with the checkpoint
 
 
 def bridge_state_dict(model: LegoTransformer) -> dict[str, torch.Tensor]:
@@ -66,10 +127,12 @@ def to_bridge(model: LegoTransformer) -> TransformerBridge:
     bridge_config = TransformerBridgeConfig(
         d_model=cfg.d_model, d_head=cfg.d_head, n_layers=cfg.n_layers, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads,
         d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, act_fn=cfg.act_fn, eps=cfg.eps,
-        normalization_type="LN", attention_dir="bidirectional", tokenizer_prepends_bos=False,
+        normalization_type="LN", attention_dir="bidirectional", tokenizer_prepends_bos=True,
     )
     device = next(model.parameters()).device
-    bridge = TransformerBridge.boot_native(bridge_config, device=device)
+    tokenizer = None if model.task is None else LegoTokenizer(model.task)
+    bridge = TransformerBridge.boot_native(bridge_config, tokenizer=tokenizer, device=device)
+    bridge.cfg.tokenizer_appends_eos = False  # its probe sees [EOS] closing every input, but [EOS] is a real token here
     missing, unexpected = bridge.load_state_dict(bridge_state_dict(model), strict=False)
     if unexpected or any(not k.endswith(("IGNORE", "masked_bias")) for k in missing):
         raise RuntimeError(f"bridge layout changed: missing {missing}, unexpected {unexpected}")

@@ -31,6 +31,9 @@ from legointerp.probes import residual_sites
 from legointerp.task import LegoBatch
 
 
+ROBUST_PERCENTILE = 98  # the attribution heatmap's colour range: this percentile of the cells' magnitudes
+
+
 def answer_contrast(values: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, n) true value indices -> (B, n, C) weights: 1 on the true value, -1/(C-1) on each other one, so
     ``(logits * contrast).sum(-1)`` is the logit difference and ``contrast @ W_U.T`` its residual direction."""
@@ -80,8 +83,8 @@ class LogitLensResult:
         figure = go.Figure(go.Heatmap(z=self.accuracy, customdata=self.logit_difference, zmin=1 / n_classes, zmax=1,
                                       colorscale="Viridis", hovertemplate=hover,
                                       colorbar=dict(title="accuracy")))
-        figure.update_layout(title="Logit lens: each layer's residual stream at the readout token, through ln_final "
-                                   "and the unembedding", xaxis=dict(title="chain depth", dtick=1),
+        figure.update_layout(title="Logit lens<br><sup>each layer's residual stream at the readout token, through "
+                                   "ln_final and the unembedding</sup>", xaxis=dict(title="chain depth", dtick=1),
                              yaxis=dict(title="layer (0 = embeddings)", dtick=1), template="plotly_white", height=460)
         return figure
 
@@ -136,13 +139,16 @@ class LogitAttribution:
         """Heatmap: component (rows, in forward order) x chain depth, diverging around 0."""
         mean = _mean_over_valid(self.attribution, self.valid)
         total = _mean_over_valid(self.total, self.valid)
-        bound = float(np.nanmax(np.abs(mean))) if np.isfinite(mean).any() else 1.0
+        # a robust range: one huge cell (a zoo model's hand-set weights write +-1e5 that cancel) must not blank the rest;
+        # cells beyond it saturate, and the hover still reads their value
+        magnitude = np.abs(mean[np.isfinite(mean)])
+        bound = float(np.percentile(magnitude, ROBUST_PERCENTILE)) if magnitude.any() else 1.0
         hover = "%{y} at depth %{x}<br>attribution %{z:.3f}<extra></extra>"
         figure = go.Figure(go.Heatmap(z=mean, y=list(self.components["component"]), zmid=0, zmin=-bound, zmax=bound,
                                       colorscale="RdBu", hovertemplate=hover, colorbar=dict(title="logit<br>difference")))
         ticks = [f"{k}<br>({x:.1f})" for k, x in enumerate(total)]
         figure.update_layout(
-            title="Direct logit attribution: what each component writes along the answer's classifier direction",
+            title="Direct logit attribution<br><sup>what each component writes along the answer's classifier direction</sup>",
             xaxis=dict(title="chain depth (the model's mean logit difference, which each column sums to)",
                        tickvals=list(range(len(total))), ticktext=ticks),
             yaxis=dict(title="component", autorange="reversed"), template="plotly_white",

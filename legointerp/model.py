@@ -43,7 +43,8 @@ block adds attention to its input and normalises (``ln1``), adds the MLP and nor
 and write what the next block sees.  The sums before the LayerNorms are at ``hook_resid_mid_unnormalized`` and
 ``hook_resid_post_unnormalized`` (TransformerLens's old HookedEncoder called the latter ``hook_resid_post`` and the
 normalised one ``hook_normalized_resid_post``).  A post-LN residual stream is not a sum of component writes, so
-TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stack``) do not describe it;
+TransformerLens's decomposition helpers (``decompose_resid``, ``apply_ln_to_stack``) do not describe it and the
+cache (:class:`LegoActivationCache`) refuses them;
 ``cfg.normalization_type`` is None there, as no LayerNorm sits between the last block and the unembedding.
 """
 
@@ -61,7 +62,7 @@ from transformer_lens.hook_points import HookPoint
 
 from legointerp.errors import LegoInterpError
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
-from legointerp.task import LegoTask
+from legointerp.task import CLAUSE_LEN, PAD, LegoTask
 
 # The fixed patterns a head can be given: (B, T) tokens and the config -> (B, T, T) mask of the keys each query attends
 HARDCODED = {
@@ -72,6 +73,8 @@ HARDCODED = {
 }
 
 
+RUNTIME_FIELDS = ("device", "dtype", "use_attn_result", "use_split_qkv_input", "use_attn_in")  # ModelConfig's, never saved
+RETURN_TYPES = ("logits", "loss", "both", None)  # LegoTransformer.forward's, as TransformerLens's
 NORMS = ("pre", "post")  # where each block's LayerNorms sit: before each sublayer (GPT-2) or after each residual add (BERT)
 ACT_FNS = {"gelu": "none", "gelu_new": "tanh"}  # transformers' names -> F.gelu's approximate: BERT's exact erf, ALBERT's tanh
 
@@ -96,6 +99,46 @@ def require_pre_ln(cfg, analysis: str) -> None:
                           "post-LN: use the probes, head classifier or residual-stream patching instead")
 
 
+def _pre_ln_only(name: str):
+    """``ActivationCache.<name>``, refused on a post-LN model."""
+    def helper(self, *args, **kwargs):
+        require_pre_ln(self.model.cfg, f"cache.{name}")
+        return getattr(ActivationCache, name)(self, *args, **kwargs)
+    return helper
+
+
+class LegoActivationCache(ActivationCache):
+    """TransformerLens's ``ActivationCache``, with what this architecture changes in its helpers: on a +aI/+bI model a
+    head's write is ``z W_O`` plus its identity copy, so per-head results rebuilt from ``hook_z`` add the cached
+    ``hook_identity_out``; on a post-LN model the residual stream is no sum of component writes, so the helpers that
+    assume it is (``decompose_resid``, ``apply_ln_to_stack``, ``logit_attrs``, ``get_full_resid_decomposition``)
+    refuse instead of returning numbers that describe nothing."""
+
+    def _ensure_head_results(self) -> bool:
+        names = [f"blocks.{layer}.attn.hook_result" for layer in range(self.model.cfg.n_layers)]
+        rebuilt = [layer for layer, name in enumerate(names) if name not in self.cache_dict]
+        if self.model.cfg.identity_attention:
+            for layer in rebuilt:
+                if f"blocks.{layer}.attn.hook_identity_out" not in self.cache_dict:
+                    raise ConfigError(f"layer {layer}'s per-head results need each head's +bI copy, which this cache "
+                                      "lacks: cache blocks.*.attn.hook_identity_out too, or run after "
+                                      "model.set_use_attn_result(True)")
+        all_cached = super()._ensure_head_results()
+        if self.model.cfg.identity_attention:
+            for layer in rebuilt:
+                self.cache_dict[names[layer]] = self.cache_dict[names[layer]] + self[f"blocks.{layer}.attn.hook_identity_out"]
+        return all_cached
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "LegoActivationCache":
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return LegoActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+    decompose_resid = _pre_ln_only("decompose_resid")
+    apply_ln_to_stack = _pre_ln_only("apply_ln_to_stack")
+    logit_attrs = _pre_ln_only("logit_attrs")
+    get_full_resid_decomposition = _pre_ln_only("get_full_resid_decomposition")
+
+
 @dataclass
 class ModelConfig:
     d_vocab: int
@@ -116,7 +159,10 @@ class ModelConfig:
     act_fn: str = "gelu"  # the MLP's: "gelu" (exact erf, BERT's) or "gelu_new" (tanh approximation, ALBERT's default)
     identity_attention: bool = False  # Boix-Adsera et al.'s +aI/+bI: two trainable scalars per head (Attention)
     device: str = field(default="cpu", compare=False)  # kept in step with the weights, as TransformerLens tools read it
+    dtype: torch.dtype = field(default=torch.float32, compare=False)  # likewise (head_detector reads it)
     use_attn_result: bool = field(default=False, compare=False)  # runtime switch for hook_result, never saved
+    use_split_qkv_input: bool = field(default=False, compare=False)  # runtime: hook_q_input / hook_k_input / hook_v_input
+    use_attn_in: bool = field(default=False, compare=False)  # runtime: hook_attn_in
     # What TransformerLens's cache helpers read to know the architecture; fixed, so not saved either.
     attn_only: ClassVar[bool] = False
     positional_embedding_type: ClassVar[str] = "standard"
@@ -172,7 +218,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "use_attn_result")}
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
 
 def forward_flops(cfg: ModelConfig, n_tokens: int | None = None) -> int:
@@ -267,15 +313,21 @@ class Attention(nn.Module):
             return hook(t)
         return hook(self._merge(t, None, dim)).index_select(dim, self.learned)
 
-    def forward(self, x, key_mask, fixed_pattern=None):
+    def forward(self, x, key_mask, fixed_pattern=None, split=None):
         """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None; fixed_pattern: (B, H_fixed, P, P) the
-        hardcoded heads' attention, in head order (None when every head is learned)."""
+        hardcoded heads' attention, in head order (None when every head is learned); split: TransformerLens's
+        per-head inputs (q, k, v), each (B, P, H, D), which replace ``x`` (use_split_qkv_input / use_attn_in)."""
         H, E = self.cfg.n_heads, self.cfg.d_head
         n_learned = H - len(self.fixed)
-        # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
-        W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
-        b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
-        q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
+        if split is not None:
+            q, k, v = (torch.einsum("bphd,hde->bphe", inputs[:, :, heads], W[heads]) + b[heads]
+                       for inputs, W, b, heads in zip(split, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V),
+                                                      (self.learned, self.learned, slice(None))))
+        else:
+            # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
+            W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
+            b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
+            q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
         q, k = self._hook_learned(self.hook_q, q, 2), self._hook_learned(self.hook_k, k, 2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.hook_v(v).transpose(1, 2)
         identity = self.cfg.identity_attention
@@ -330,22 +382,42 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    hook_out_is_single_residual_stream = True  # TransformerLens's logit_lens checks it: hook_resid_post is the stream
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1, self.attn, self.ln2, self.mlp = LayerNorm(cfg), Attention(cfg), LayerNorm(cfg), MLP(cfg)
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
         self.post = cfg.norm == "post"
+        self.cfg = cfg
+        # (B, P, H, D) each head's own copy of the attention's input, before ln1 (pre-LN), with use_split_qkv_input /
+        # use_attn_in, so a path into one head's query, key or value can be patched alone
+        self.hook_q_input, self.hook_k_input, self.hook_v_input, self.hook_attn_in = (HookPoint() for _ in range(4))
         if self.post:  # (B, P, D) the residual sums before ln1 / ln2; hook_resid_mid / hook_resid_post are after them
             self.hook_resid_mid_unnormalized, self.hook_resid_post_unnormalized = HookPoint(), HookPoint()
 
+    def _split_inputs(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """TransformerLens's per-head attention inputs (q, k, v), each (B, P, H, D) through its hook and then ``ln1``
+        (pre-LN), or None when neither use_split_qkv_input nor use_attn_in is on."""
+        if not (self.cfg.use_split_qkv_input or self.cfg.use_attn_in):
+            return None
+        heads = resid[:, :, None].expand(-1, -1, self.cfg.n_heads, -1).clone()
+        if self.cfg.use_attn_in:
+            inputs = (self.hook_attn_in(heads),) * 3
+        else:
+            inputs = (self.hook_q_input(heads), self.hook_k_input(heads.clone()), self.hook_v_input(heads.clone()))
+        return inputs if self.post else tuple(self.ln1(x) for x in inputs)
+
     def forward(self, resid, key_mask, fixed_pattern=None):
         resid = self.hook_resid_pre(resid)
+        split = self._split_inputs(resid)
         if self.post:
-            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern))
+            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern, split))
             resid = self.hook_resid_mid(self.ln1(self.hook_resid_mid_unnormalized(resid + attn_out)))
             return self.hook_resid_post(self.ln2(self.hook_resid_post_unnormalized(resid + self.hook_mlp_out(self.mlp(resid)))))
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid), key_mask, fixed_pattern)))
+        attn_in = None if split is not None else self.ln1(resid)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(attn_in, key_mask, fixed_pattern, split)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 
@@ -399,20 +471,34 @@ class LegoTransformer(HookedRootModule):
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
-        self.cfg.device = str(self.embed.W_E.device)
+        self.cfg.device, self.cfg.dtype = str(self.embed.W_E.device), self.embed.W_E.dtype
         return module
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
-                source_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, P) long; attention_mask: (B, P) bool, False at padding; n_layers: depth to run
+                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits") -> torch.Tensor | None:
+        """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
-        ids it came from, which a model with hardcoded heads needs for their patterns.  Returns logits (B, P, d_vocab_out)."""
+        ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
+        ``[PAD]`` positions of ``tokens`` (or ``source_tokens``) are masked, as ``to_tokens`` pads mixed lengths.
+        Returns, as TransformerLens's ``return_type``: "logits" (B, P, d_vocab_out), "loss" (the mean cross-entropy
+        of every clause's answer, the training loss), "both" (logits, loss) or None."""
+        if return_type not in RETURN_TYPES:
+            raise LegoInterpError(f"return_type={return_type!r} is not one of {', '.join(map(str, RETURN_TYPES))}")
+        if isinstance(tokens, (str, list)):
+            tokens = self.to_tokens(tokens)
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
-        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        ids = tokens if start_at_layer is None else source_tokens
+        if attention_mask is None and ids is not None:
+            attention_mask = ids != PAD
+            # on an accelerator, asking whether any token is padding would sync every step: the masked kernel is cheaper
+            unpadded = attention_mask.device.type == "cpu" and bool(attention_mask.all())
+        else:
+            unpadded = attention_mask is None or bool(attention_mask.all())
+        key_mask = None if unpadded else attention_mask[:, None, None, :]
         if start_at_layer is None:
             source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)
@@ -429,7 +515,22 @@ class LegoTransformer(HookedRootModule):
             resid = block(resid, key_mask, fixed_pattern)
         if self.cfg.norm == "pre":
             resid = self.ln_final(resid)
-        return affine(resid, self.unembed.W_U, self.unembed.b_U)
+        logits = affine(resid, self.unembed.W_U, self.unembed.b_U)
+        if return_type in ("loss", "both"):
+            loss = self.answer_loss(logits, source_tokens)
+            return loss if return_type == "loss" else (logits, loss)
+        return logits if return_type == "logits" else None
+
+    def answer_loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """() the mean cross-entropy of every clause's answer, read at its variable's token as in training.
+        logits: (B, P, C); tokens: (B, P) the sentences, which give the answers."""
+        if tokens is None:
+            raise ConfigError("return_type='loss' reads the answers off the sentences: pass source_tokens with start_at_layer")
+        task = self._vocabulary()
+        batch = task.encode([task.parse(text) for text in self.to_string(tokens.cpu())], n=(tokens.shape[1] - 2) // CLAUSE_LEN)
+        clause_logits = logits[torch.arange(len(batch), device=logits.device)[:, None], batch.clause_pos.to(logits.device)]
+        loss = F.cross_entropy(clause_logits.transpose(1, 2), batch.values.to(logits.device), reduction="none")
+        return loss[batch.valid.to(logits.device)].mean()
 
     def fixed_patterns(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
         """(B, H_fixed, P, P) the hardcoded heads' attention from (B, P) token ids, in head order: each ``HARDCODED``
@@ -445,9 +546,27 @@ class LegoTransformer(HookedRootModule):
         return torch.stack([patterns[kind] for kind in kinds], 1)
 
     def run_with_cache(self, *args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
-        """As ``HookedTransformer.run_with_cache``: the cache is an ``ActivationCache`` (``cache["pattern", l]``)."""
+        """As ``HookedTransformer.run_with_cache``: the cache is an ``ActivationCache`` (``cache["pattern", l]``), a
+        :class:`LegoActivationCache`."""
         out, cache = super().run_with_cache(*args, remove_batch_dim=remove_batch_dim, **kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim) if return_cache_object else cache
+        return out, LegoActivationCache(cache, self, has_batch_dim=not remove_batch_dim) if return_cache_object else cache
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """As TransformerLens's: each head's query, key and value input at ``blocks.{l}.hook_q_input`` /
+        ``hook_k_input`` / ``hook_v_input`` (B, P, n_heads, d_model), before ``ln1``, so paths into one of them can
+        be patched."""
+        self._set_per_head_inputs("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """As TransformerLens's: every head's attention input at ``blocks.{l}.hook_attn_in`` (B, P, n_heads,
+        d_model), before ``ln1``."""
+        self._set_per_head_inputs("use_attn_in", use_attn_in)
+
+    def _set_per_head_inputs(self, switch: str, on: bool) -> None:
+        if on and self.cfg.identity_attention:
+            raise ConfigError(f"+aI/+bI attention reads one shared input in its identity terms, which {switch} would "
+                              "leave unpatched: patch hook_resid_pre or the heads' hook_q / hook_k / hook_v instead")
+        setattr(self.cfg, switch, bool(on))
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As TransformerLens's ``use_attn_result``: cache each head's write to the residual stream at
@@ -525,14 +644,21 @@ class LegoTransformer(HookedRootModule):
                                   "or call model.set_task(task)")
         return self.task
 
-    def to_tokens(self, input: str | list[str]) -> torch.Tensor:
-        """Sentences ``"a=+1; b=-a"`` -> (B, 5 n + 2) token ids with [BOS]/[EOS], padded to the longest (n clauses);
-        a malformed sentence raises ``LegoError`` naming the problem.  LEGO sentences always carry [BOS]."""
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Sentences ``"a=+1; b=-a"`` -> (B, 5 n + 2) token ids with [BOS]/[EOS], padded on the right to the longest
+        (n clauses); a malformed sentence raises ``LegoError`` naming the problem.  TransformerLens's keywords:
+        ``prepend_bos=False`` drops the [BOS] column (the model was trained with it); ``padding_side`` can only be
+        "right"; ``truncate`` is moot (a sentence longer than the model reads raises)."""
+        if padding_side not in (None, "right"):
+            raise LegoInterpError(f"padding_side={padding_side!r}: LEGO sentences are padded on the right only")
         task = self._vocabulary()
         sentences = [task.parse(text) for text in ([input] if isinstance(input, str) else input)]
         if not sentences:
             raise LegoInterpError("to_tokens got an empty list: pass one sentence or a list of sentences")
-        return task.encode(sentences, n=max(len(sentence.clauses) for sentence in sentences)).tokens.to(self.cfg.device)
+        tokens = task.encode(sentences, n=max(len(sentence.clauses) for sentence in sentences)).tokens
+        tokens = tokens if prepend_bos is None or prepend_bos else tokens[:, 1:]
+        return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def to_str_tokens(self, input: str | list | torch.Tensor) -> list[str] | list[list[str]]:
         """A sentence or (P,) ids -> its token names; a list of sentences or (B, P) ids -> one list per sentence."""

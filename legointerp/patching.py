@@ -27,7 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from legointerp.evaluate import Inference, clause_logits
-from legointerp.model import require_pre_ln, require_writes_at_z
+from legointerp.model import require_writes_at_z
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, C) -> scalar
@@ -157,10 +157,12 @@ def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 102
 
     Patching head h's z at (layer l, position p) changes block l's output only at p, by the head's write
     ``(z_clean - z_corrupted) @ W_O[h]`` and the MLP's answer to it there: so that position's residual stream is
-    formed directly and the run starts at block l + 1 (for the last layer, only the read-out remains)."""
-    require_pre_ln(model.cfg, "head patching")
+    formed directly and the run starts at block l + 1 (for the last layer, only the read-out remains).  Post-LN,
+    the write joins the sum that ``ln1`` normalises before the MLP reads it."""
     require_writes_at_z(model.cfg, "head patching")
-    clean, corrupted = _caches(model, pair, ("attn.hook_z", "hook_resid_mid", "hook_resid_post"))
+    post = model.cfg.norm == "post"
+    mid = "hook_resid_mid_unnormalized" if post else "hook_resid_mid"
+    clean, corrupted = _caches(model, pair, ("attn.hook_z", mid, "hook_resid_post"))
     engine, readout, patterns = Inference(model), pair.clean.clause_pos, model.fixed_patterns(pair.corrupted.tokens)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     T = pair.clean.tokens.shape[1]
@@ -172,7 +174,8 @@ def patch_head_z(model, pair: PatchingPair, metric: Metric, max_batch: int = 102
         positions, heads = sites[:, 0], sites[:, 1]
         W_O = model.blocks[layer].attn.W_O.detach()  # (H, E, D)
         write = torch.einsum("bse,sed->bsd", difference[:, positions, heads], W_O[heads])  # (B, S, D)
-        resid_post = engine.mlp(layer, corrupted["resid_mid", layer][:, positions] + write)
+        resid_mid = corrupted[f"blocks.{layer}.{mid}"][:, positions] + write
+        resid_post = engine.mlp(layer, engine.norm(layer, "ln1", resid_mid) if post else resid_mid)
         result[layer, positions, heads] = _run_variants(engine, metric, corrupted["resid_post", layer], positions,
                                                         resid_post, layer + 1, readout, max_batch, patterns)
     return result
@@ -344,13 +347,15 @@ def patching_figure(result: PatchingResult) -> go.Figure:
     measured = result.agreements.iloc[0]
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                            subplot_titles=["exact patching of resid_pre (1 = clean answers restored)",
-                                           f"gradient estimate ({method}) of exact minus corrupted: Pearson r = "
+                                           f"gradient estimate ({method}) of exact minus corrupted<br>Pearson r = "
                                            f"{measured.pearson:.2f}, Spearman rho = {measured.spearman:.2f} with exact"])
+    figure.update_annotations(font_size=12)  # so that a two-line title fits write_image's default 700 px
     for row, matrix in enumerate([result.resid_pre, result.attribution_resid], start=1):
         figure.add_trace(go.Heatmap(z=matrix.numpy(), x=result.positions, colorscale="RdBu", zmid=0,
                                     colorbar=dict(len=0.45, y=0.78 if row == 1 else 0.22),
                                     hovertemplate="%{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"), row=row, col=1)
     figure.update_yaxes(title="layer", autorange="reversed", dtick=1)
     figure.update_xaxes(title="position:token #chain depth of its clause", row=2, col=1)
-    figure.update_layout(title=f"Activation patching: {result.corruption}", template="plotly_white", height=680)
+    figure.update_layout(title=f"Activation patching: {result.corruption}", template="plotly_white", height=680,
+                         margin=dict(t=110))
     return figure

@@ -6,8 +6,11 @@ plain results: a list of accuracies, or the training log's rows.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.colors import sample_colorscale
 
 
@@ -75,3 +78,13 @@ def training_curves_figure(log: list[dict], supervised: list[int] | None = None)
                          yaxis=dict(title="test accuracy", range=[low, 1.03]), template="plotly_white", height=480,
                          legend=dict(orientation="h", y=-0.18, title="position"), hovermode="x")
     return figure
+
+
+def static_figures(width: int = 1000) -> bool:
+    """Show figures as static PNG when kaleido (which drives Chromium) is installed: small notebook outputs that show
+    wherever a notebook is read, GitHub included; interactive figures otherwise.  Returns whether PNG is on."""
+    if importlib.util.find_spec("kaleido") is None:
+        return False
+    pio.renderers.default = "png"
+    pio.renderers["png"].width = width
+    return True

@@ -14,10 +14,12 @@ on the mean and on every seed, ``partly`` when it holds on the mean only or for 
 from __future__ import annotations
 
 import json
+import os
 import re
-from concurrent.futures import ProcessPoolExecutor
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context, parent_process
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +39,7 @@ from legointerp.model import random_twin
 from legointerp.plots import training_curves_figure
 from legointerp.probes import percolation, resolution_layers
 from legointerp.shortcut import detect_shortcut, first_learned, learned_level, middle_depths
-from legointerp.train import TrainConfig, Trainer, log_path, read_log
+from legointerp.train import STOP_SIGNALS, Interrupted, TrainConfig, Trainer, log_path, read_log
 
 REPLICATION_DIR = Path(__file__).resolve().parent.parent / "docs" / "replication"
 
@@ -154,10 +156,63 @@ def _finished(path: Path, steps: int) -> bool:
     return bool(rows) and rows[-1]["step"] >= steps
 
 
-def _train_one(config: TrainConfig, path: Path, threads: int, command: str, progress: bool) -> None:
-    """One run to completion, resuming it when an earlier attempt saved a checkpoint."""
+_stop_requested = 0  # in a pool worker: the stop signal it received between runs (0: none)
+
+
+def _note_stop(signum, frame) -> None:
+    global _stop_requested
+    _stop_requested = _stop_requested or signum
+
+
+def _worker_start() -> None:
+    """Pool initializer: between runs a worker notes SIGINT/SIGTERM instead of dying of it (a dead worker breaks the
+    pool, which then kills the others mid-step); while it trains, the Trainer takes them over."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _note_stop)
+
+
+def _train_one(config: TrainConfig, path: Path, threads: int, command: str, progress: bool) -> int:
+    """One run to completion, resuming it when an earlier attempt saved a checkpoint.  In a pool worker, returns the
+    signal that stopped it at a step boundary, saved (0: finished); ``Interrupted`` does not cross processes."""
     torch.set_num_threads(threads)
-    Trainer(config, path, resume=path.is_file(), progress=progress, command=command).fit()
+    if _stop_requested:  # a stop reached this worker before the run: it never starts
+        return _stop_requested
+    trainer = Trainer(config, path, resume=path.is_file(), progress=progress, command=command)
+    if _stop_requested:
+        return _stop_requested
+    try:
+        trainer.fit()
+    except Interrupted as stop:
+        if parent_process() is None:  # in the main process (--jobs 1): the caller sees the interruption itself
+            raise
+        _note_stop(stop.signum, None)  # sticky: the run the pool queued next on this worker must not start
+        return stop.signum
+    return 0
+
+
+def _train_in_pool(calls: list[tuple], jobs: int, bar) -> None:
+    """Run ``calls`` ``jobs`` at a time.  Ctrl-C (to the process group or to this process alone) or a worker's
+    SIGINT/SIGTERM cancels the runs not started, stops the running ones at a step boundary, each saved, and raises
+    ``KeyboardInterrupt`` once they have."""
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_start) as pool:
+        futures = [pool.submit(_train_one, *call) for call in calls]
+        stopped = False
+        try:
+            for future in as_completed(futures):
+                stopped = bool(future.result())
+                bar.update(1)
+                if stopped:
+                    break
+        except KeyboardInterrupt:
+            stopped = True
+        if stopped:
+            for future in futures:
+                future.cancel()
+            for worker in active_children():
+                os.kill(worker.pid, signal.SIGINT)
+            wait(futures)
+    if stopped:
+        raise KeyboardInterrupt("stopped: every running run saved at a step boundary; the same command resumes them")
 
 
 def ensure_runs(arms: list[str], scale: Scale, runs: Path, jobs: int = 1, command: str = "") -> dict[str, list[Run]]:
@@ -174,10 +229,7 @@ def ensure_runs(arms: list[str], scale: Scale, runs: Path, jobs: int = 1, comman
                 for call in calls:
                     _train_one(*call)
             else:
-                with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-                    for future in [pool.submit(_train_one, *call) for call in calls]:
-                        future.result()
-                        bar.update(1)
+                _train_in_pool(calls, jobs, bar)
     return {arm: [Run(arm, seed, arm_config(arm, scale, seed), read_log(path), path)
                   for seed in scale.seeds for path in [_run_path(runs, scale, arm, seed)]] for arm in arms}
 

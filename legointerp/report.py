@@ -218,6 +218,10 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
     curriculum = bool(log) and all("longest_chain" in row for row in log)
     head_table, head_rows = top_heads(heads)
     viewed = ", ".join(f"L{layer}H{head} (strongest {kind})" for kind, (layer, head) in views.heads.items())
+    counting = heads.to_frame().query("label == 'operators'")
+    counters = ("Heads labelled operators (attending to the other clauses' signs, as a counter does): "
+                + ", ".join(f"L{r['layer']}H{r['head']} at the {r['role']} (lift {r['lift']:.2f})" for _, r in counting.iterrows())
+                if len(counting) else "No head is labelled operators (attending to the other clauses' signs).")
     sections = [
         Section("Accuracy per chain position",
                 read("Each bar is the share of fresh sentences whose variable at that chain position the model gets "
@@ -231,13 +235,17 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
                      "The grey step (right axis) is the curriculum: the longest chain in the training sentences. Test "
                      "sentences always have the full chain, so positions stay near chance while training chains are "
                      "short, and move together as the curriculum reaches them." if curriculum else "")
-                + figure_html(training_curves_figure(log, supervised), "training-curves")),
+                + (figure_html(training_curves_figure(log, supervised), "training-curves") if log
+                   else read("No training log found beside the checkpoint, so there are no curves to draw."))),
         Section("Attention heads",
                 read("Each head's attention by query role and kind of key (association: identical tokens; manipulation: "
                      "the query's own clause; chain step: the clause defining the query's operand; operators: other "
                      "clauses' signs; broadcast: BOS/EOS), as a lift over a head that attends uniformly. A head is "
                      f"labelled with the kind it reaches a lift of {LABEL_THRESHOLD} on where that kind does its job; "
-                     "otherwise diffuse (flat) or structured.",
+                     "otherwise diffuse (flat) or structured. A head that writes nothing, or whose ablation costs "
+                     "nothing, is inert whatever its attention looks like (attends: what it looks like); runner-up is "
+                     "the best other kind, evidence the drop that confirms the label, and a flag marks a head whose "
+                     "ablation disagrees with its label.",
                      "The drop columns are the accuracy lost at the worst chain depth when the head is ablated; the "
                      "truncated drop runs only the blocks up to the head's, where later blocks cannot redo its step. "
                      "Hover a cell of the map for all of a head's scores.")
@@ -268,7 +276,8 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
         Section(f"Shortcut detection: {shortcut.verdict}",
                 read("Did the model follow the chain to the last variable, or count the minus signs (the paper's "
                      "section 4.3)? Each row is one piece of evidence and its vote (dash: unavailable); the verdict "
-                     "needs two votes and a majority.", "In the figure the last position is red, the middle ones blue.")
+                     "needs two votes and a majority.", html.escape(counters),
+                     "In the figure the last position is red, the middle ones blue.")
                 + frame_html(shortcut.to_frame()) + figure_html(shortcut.plot(), "shortcut")),
     ]
     if timeline is not None:

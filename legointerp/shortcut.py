@@ -46,6 +46,9 @@ FEEDS = 0.1  # attention: resampling the counting position's residual costs the 
 SEPARABLE = 1.0  # patching needs the flip to move the variable's logit difference by at least this
 THROUGH_CHAIN = 0.5  # patching: below this, the last answer comes from the flipped operator directly
 EVIDENCE = ("counterfactual", "training order", "probes", "attention", "patching")
+# what each piece of evidence's "last" and "middle" numbers are
+EVIDENCE_UNITS = {"counterfactual": "share by count / by chain", "training order": "training sentences",
+                  "probes": "layer", "attention": "lift over uniform", "patching": "score (1 = via chain)"}
 
 
 def middle_depths(n: int) -> list[int]:
@@ -63,16 +66,46 @@ def validate_log(log: list[dict], n: int) -> None:
     for i, row in enumerate(log, start=1):
         accuracy = row.get("accuracy") if isinstance(row, dict) else None
         if (not isinstance(row, dict) or not isinstance(row.get("samples"), (int, float)) or not isinstance(accuracy, list)
-                or len(accuracy) != n or not all(isinstance(a, (int, float)) for a in accuracy)):
+                or len(accuracy) != n or not all(isinstance(a, (int, float)) for a in accuracy)
+                or not isinstance(row.get("longest_chain", n), int)):
             raise LegoError(f"training log row {i} is not {{\"samples\": N, \"accuracy\": [{n} numbers]}}: the log "
                             "is damaged or from another model; move it away to analyse without it")
 
 
+def _first(log: list[dict], hits: np.ndarray) -> list[int | None]:
+    """(evaluations, n) bool -> per position, the training sentences at its first hit (None: never)."""
+    return [int(log[i]["samples"]) if hit else None for i, hit in zip(hits.argmax(0), hits.any(0))]
+
+
+def _admitted(log: list[dict]) -> np.ndarray:
+    """(evaluations, n) bool: the curriculum has trained chain position k by this evaluation (``longest_chain``
+    beyond it; a row without one trained them all)."""
+    n = len(log[0]["accuracy"])
+    longest = np.maximum.accumulate([row.get("longest_chain", n) for row in log])  # (evaluations,)
+    return longest[:, None] > np.arange(n)
+
+
+def first_admitted(log: list[dict]) -> list[int | None]:
+    """Training sentences at the first evaluation whose curriculum trained each chain position (None: never)."""
+    return _first(log, _admitted(log))
+
+
 def first_learned(log: list[dict], level: float) -> list[int | None]:
-    """Training sentences seen when each chain position first reached ``level`` in the log (None: never)."""
+    """Training sentences seen when each chain position first reached ``level`` in the log while the curriculum
+    trained it (an untrained position's accuracy drifts around chance and can cross the level), None: never."""
     accuracy = np.array([row["accuracy"] for row in log])  # (evaluations, n)
-    reached = accuracy >= level
-    return [int(log[i]["samples"]) if hit else None for i, hit in zip(reached.argmax(0), reached.any(0))]
+    return _first(log, (accuracy >= level) & _admitted(log))
+
+
+def training_order(log: list[dict], level: float, middle: list[int]) -> tuple[bool | None, str]:
+    """The training-order vote: the last position left chance before most ``middle`` ones, and why it abstains
+    where the log cannot tell (the curriculum admitted the last position only once the middle had left chance)."""
+    learned_at, admitted_at = first_learned(log, level), first_admitted(log)
+    middle_median = float(np.median([np.inf if learned_at[k] is None else learned_at[k] for k in middle]))
+    if admitted_at[-1] is not None and admitted_at[-1] >= middle_median:
+        return None, (f"abstains: the curriculum trained the last position from {_fmt(admitted_at[-1])} sentences, after "
+                      "the middle left chance, so the log cannot tell which came first")
+    return _earlier(learned_at[-1], [learned_at[k] for k in middle]), ""
 
 
 def _earlier(last: float | None, middle: list[float | None]) -> bool | None:
@@ -275,10 +308,12 @@ def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] 
         validate_log(log, n)
         learned_at = first_learned(log, level)
         middle_learned = [learned_at[k] for k in middle]
-        rows.append(("training order", _earlier(learned_at[-1], middle_learned), learned_at[-1],
+        says, abstention = training_order(log, level, middle)
+        rows.append(("training order", says, learned_at[-1],
                      None if None in middle_learned else float(np.median(middle_learned)),
                      f"training sentences until test accuracy left chance (>= {level:.3g}); middle: median "
-                     f"({_fmt(learned_at[-1])} vs {_fmt(None if None in middle_learned else float(np.median(middle_learned)))})"))
+                     f"({_fmt(learned_at[-1])} vs {_fmt(None if None in middle_learned else float(np.median(middle_learned)))})"
+                     + (f"; {abstention}" if abstention else "")))
     else:
         rows.append(("training order", None, None, None, "no training log beside the checkpoint"))
 
@@ -331,9 +366,12 @@ def shortcut_figure(result: ShortcutResult) -> go.Figure:
     """The evidence side by side, the last position in red and the middle ones in blue."""
     n = len(result.resolution_layer)
     colour = ["#e45756" if k == n - 1 else "#4c78a8" if k in result.middle else "#bbbbbb" for k in range(n)]
-    figure = make_subplots(rows=2, cols=3, vertical_spacing=0.2, horizontal_spacing=0.08, subplot_titles=[
-        "rewired last clause: answered by", "training sentences until a position left chance", "probe resolution layer",
-        "attention onto operator tokens (best head per layer)", f"answer through the chain (flip at depth {result.flip_depth})"])
+    # two-line subplot titles: at write_image's default 700 px, one-line ones run into their neighbours
+    figure = make_subplots(rows=2, cols=3, vertical_spacing=0.2, horizontal_spacing=0.1, subplot_titles=[
+        "rewired last clause:<br>answered by", "training sentences until<br>a position left chance",
+        "probe resolution<br>layer", "attention onto operators<br>(best head per layer)",
+        f"answer through the chain<br>(flip at depth {result.flip_depth})"])
+    figure.update_annotations(font_size=12)
     positions = [f"#{k}" for k in range(n)]
     if result.counterfactual is not None:
         figure.add_trace(go.Bar(x=["the count", "the chain"], y=[result.counterfactual["count"], result.counterfactual["chain"]],

@@ -16,12 +16,28 @@ at their random initialisation), saved in the ordinary checkpoint format, so eve
   variable by a *broadcast* head in layer 1 (a shortcut that a detector looking only at the last token misses).
 - ``untrained-bert`` / ``untrained-albert``: the random initialisation, of the bundled model's shapes.
 
+Decoys, built to fool a head classifier (each solves every position; its ground truth is what ``heads`` should say):
+
+- ``shadow-heads``: the chain-follower plus a *shadow* of every planted head (the same queries and keys, so the
+  same attention, but W_O = 0): a shadow is inert, however much it looks like the head it copies.
+- ``moved-heads``: the chain-follower with its heads at other indices (the chain step moves head every layer) and
+  every other head *idle*: random queries, keys and values, W_O = 0 (inert).
+- ``both-ends`` (Task 1): the chain resolved from both ends: the last variable counted in layer 0 as in
+  ``counter-at-last``, then every block ``l`` takes a chain step (depth ``l``, head 0) and a *reverse step* (depth
+  ``n - 1 - l``, head 1: each clause reads the value and operator of the clause that reads it and inverts that
+  operator), so ``(n + 1) // 2`` blocks solve the chain.
+- ``operand-fetcher``: the chain-follower whose operand-fetching head is read by every token of the clause (each
+  attends to its clause's operand, the operand itself included): manipulation at the variable, and at the operand
+  an attention on itself that association's mask (identical tokens, itself included) explains as well.
+- ``counter-only-last`` (Task 1): the shortcut with the count made in layer 1 by a head that attends to the
+  operators from the last variable only (found by the association head of layer 0); every other token rests on BOS.
+
 How it is built.  Each token's residual stream holds named one-hot features (token identity, clause slot and role,
 the fetched operand and operator, the resolved value ...).  LayerNorm is made linear: two *ballast* dimensions hold
 ``+C`` and ``-C`` at every position, so the norm is ``C`` up to 1e-4 whatever else is written, and every reader
 cancels the mean with a dimension nothing writes to.  Attention is saturated (score margins >= 15), and each MLP
 neuron is a GELU far from its knee, so the hand-set arithmetic is exact to ~1e-4.  Heads with no job keep zero
-weights: uniform attention writing nothing (``diffuse``).
+weights: uniform attention writing nothing (``inert``: attends diffusely).
 """
 
 from __future__ import annotations
@@ -65,9 +81,11 @@ class Features:
 
 @dataclass
 class ZooModel:
-    """A model with its ground truth.  ``heads``: the planted kind of every head that has a job (every other head is
-    diffuse: zero weights); ``resolution_layer[k]``: the first residual site (0 = embeddings, l + 1 = after block l)
-    where depth k is decodable; ``shortcut``: whether the last variable is answered by counting (None: no mechanism)."""
+    """A model with its ground truth.  ``heads``: the label ``legointerp heads`` should give every head that has a job
+    or looks as if it had one (every other head writes nothing: ``inert``); ``attends``: the designed attention kind
+    of inert heads built to look like working ones (a shadow, or a step whose result nothing reads);
+    ``resolution_layer[k]``: the first residual site (0 = embeddings, l + 1 = after block l) where depth k is
+    decodable; ``shortcut``: whether the last variable is answered by counting (None: no mechanism)."""
 
     name: str
     model: LegoTransformer
@@ -76,9 +94,11 @@ class ZooModel:
     heads: dict[tuple[int, int], str] = field(default_factory=dict)
     resolution_layer: list[int | None] = field(default_factory=list)
     shortcut: bool | None = None
+    attends: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def checkpoint(self) -> Checkpoint:
         known = {"heads": {f"L{l}H{h}": kind for (l, h), kind in sorted(self.heads.items())},
+                 "attends": {f"L{l}H{h}": kind for (l, h), kind in sorted(self.attends.items())},
                  "resolution_layer": self.resolution_layer, "shortcut": self.shortcut}
         return Checkpoint(self.model.cfg, self.task.config, self.model.state_dict(),
                           provenance={"command": f"legointerp zoo {self.name}", "zoo": self.name,
@@ -180,21 +200,24 @@ class _Builder:
         self.neurons[layer] += 1
 
     # ------------------------------------------------------------------ the mechanisms
-    def manipulation(self) -> None:
-        """Layer 0, heads 0 and 1: each clause-first token fetches its own operand and operator (keys in its own
-        slot); every other token rests on BOS, which carries nothing."""
+    def manipulation(self, heads: tuple[int, int] = (0, 1), operand_query: str = "slot0") -> None:
+        """Layer 0: each clause-first token fetches its own operand (head ``heads[0]``, read by every
+        ``operand_query`` position) and operator (``heads[1]``) from keys in its own slot; every other token rests on
+        BOS, which carries nothing."""
         sink = [("bos", SCORE / 2)]
-        self.head(0, 0, [("slot0", "slot3", SCORE)], sink, [("var", "operand"), ("lit", "operand_lit")])
-        self.head(0, 1, [("slot0", "slot2", SCORE)], sink, [("op", "my_op")])
+        self.head(0, heads[0], [(operand_query, "slot3", SCORE)], sink, [("var", "operand"), ("lit", "operand_lit")])
+        self.head(0, heads[1], [("slot0", "slot2", SCORE)], sink, [("op", "my_op")])
 
-    def apply(self, layer: int, operand: str) -> None:
-        """MLP of ``layer``: an unresolved clause whose operator is g and whose operand value is x becomes g(x)."""
+    def apply(self, layer: int, operand: str, operator: str = "my_op", inverse: bool = False) -> None:
+        """MLP of ``layer``: an unresolved clause whose ``operator`` is g and whose ``operand`` value is x becomes
+        g(x) (``inverse``: the y with g(y) = x)."""
         act = self.task.group.act
         for g in range(act.shape[0]):
             for x in range(act.shape[1]):
-                self.neuron(layer, [("my_op", g, SHARP), (operand, x, SHARP)]
+                result = int((act[g] == x).nonzero()[0, 0]) if inverse else int(act[g, x])
+                self.neuron(layer, [(operator, g, SHARP), (operand, x, SHARP)]
                             + [("value", y, -GATE) for y in range(act.shape[1])], -1.5 * SHARP,
-                            [("value", int(act[g, x]), 1.0)])
+                            [("value", result, 1.0)])
 
     def chain_step(self, layer: int, head: int) -> None:
         """Each clause-first token attends to the first token of the clause defining its operand and reads its value.
@@ -202,6 +225,34 @@ class _Builder:
         self.head(layer, head, [("operand", "var", SCORE)], [("role0", SCORE), ("bos", 1.5 * SCORE)],
                   [("value", f"fetched{layer}")])
         self.apply(layer, f"fetched{layer}")
+
+    def reverse_step(self, layer: int, head: int) -> None:
+        """Each clause-first token attends to the first token of the clause that reads it (whose fetched operand is
+        this variable) and reads its value and operator, then inverts that operator: x = g^-1(reader's value)."""
+        self.head(layer, head, [("var", "operand", SCORE)], [("role0", SCORE), ("bos", 1.5 * SCORE)],
+                  [("value", f"reverse{layer}"), ("my_op", f"reverse_op{layer}")])
+        self.apply(layer, f"reverse{layer}", f"reverse_op{layer}", inverse=True)
+
+    def shadow(self, layer: int, head: int, of: int) -> None:
+        """Head ``head`` attends exactly like head ``of`` of the same layer (and reads the same values) but W_O = 0."""
+        attn = self.model.blocks[layer].attn
+        for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V"):
+            getattr(attn, name).data[head] = getattr(attn, name).data[of]
+        attn.W_O.data[head] = 0
+
+    def idle(self, layer: int, head: int, generator: torch.Generator) -> None:
+        """Random queries, keys and values on the features (a structured attention of no kind) and W_O = 0."""
+        attn, E = self.model.blocks[layer].attn, self.cfg.d_head
+        for name in ("W_Q", "W_K", "W_V"):
+            weights = torch.randn(D_MODEL, E, generator=generator)
+            weights[self.features["ballast"]] = 0
+            getattr(attn, name).data[head] = self.reader(weights)
+        attn.W_O.data[head] = 0
+
+    def clause_slots(self) -> None:
+        """The one-hot ``clause`` feature: the clause's slot at every one of its tokens."""
+        for s in range(self.n):
+            self.model.pos_embed.W_pos.data[1 + CLAUSE_LEN * s:1 + CLAUSE_LEN * (s + 1), self.features.dim("clause", s)] = 1
 
     def unembed(self) -> None:
         W_U = torch.zeros(D_MODEL, self.task.n_classes)
@@ -214,14 +265,15 @@ class _Builder:
         token); the last variable, read by no clause, finds none and rests on BOS.  Writes ``used``."""
         self.head(layer, head, [("var", "var", SCORE)], [("role3", SCORE), ("bos", 1.5 * SCORE)], [("role3", "used")])
 
-    def parity(self, layer: int, count: str, gate: list[tuple[str, int, float]], gate_bias: float, out: str) -> None:
-        """Writes the parity of ``count`` * n minus signs as a value one-hot into ``out`` where the gate is open:
-        odd = sum_j (-1)^(j+1) [c >= j], each step the difference of two GELU ramps one unit apart."""
+    def parity(self, layer: int, count: str, gate: list[tuple[str, int, float]], gate_bias: float, out: str,
+               scale: float = 1.0) -> None:
+        """Writes ``scale`` times the parity of ``count`` * n minus signs as a value one-hot into ``out`` where the gate
+        is open: odd = sum_j (-1)^(j+1) [c >= j], each step the difference of two GELU ramps one unit apart."""
         minus, plus = 1, 0
         n = self.n
-        self.neuron(layer, gate, gate_bias + SHARP / 2, [(out, plus, 1.0)])  # even until a step says otherwise
+        self.neuron(layer, gate, gate_bias + SHARP / 2, [(out, plus, scale)])  # even until a step says otherwise
         for j in range(1, n + 1):
-            sign = 1.0 if j % 2 else -1.0
+            sign = scale if j % 2 else -scale
             for offset, weight in ((1 - j, 1.0), (-j, -1.0)):
                 step = [(out, minus, sign * weight * 0.5), (out, plus, -sign * weight * 0.5)]
                 self.neuron(layer, [(count, minus, SHARP * n)] + gate, gate_bias + SHARP * offset, step)
@@ -237,56 +289,154 @@ class _Builder:
         for x in range(self.features[source].stop - self.features[source].start):
             self.neuron(layer, [(source, x, SHARP)] + gate, gate_bias - SHARP / 2, [(out, x, weight)])
 
+def _follower(task: LegoTask, extra: dict[str, int] | None = None, manipulation: tuple[int, int] = (0, 1),
+              chain_head=lambda layer: 0, operand_query: str = "slot0") -> tuple[_Builder, dict[tuple[int, int], str]]:
+    """The chain-follower's weights with its heads where given (``chain_head(layer)``: the chain step's index), and
+    its planted heads."""
+    n = task.config.n
+    b = _Builder(task, n_layers=n, extra={**({"clause": n} if operand_query == "clause" else {}), **(extra or {})})
+    if operand_query == "clause":
+        b.clause_slots()
+    b.manipulation(manipulation, operand_query)
+    b.apply(0, "operand_lit")
+    for layer in range(1, n):
+        b.chain_step(layer, chain_head(layer))
+    b.unembed()
+    return b, {(0, manipulation[0]): "manipulation", (0, manipulation[1]): "manipulation",
+               **{(layer, chain_head(layer)): "chain step" for layer in range(1, n)}}
+
+
 def chain_follower(task_config: TaskConfig = ZOO_TASK) -> ZooModel:
     """The hardcoded chain-follower: depth k resolved by block k (see the module docstring)."""
     task = LegoTask(task_config)
+    b, heads = _follower(task)
+    return ZooModel("chain-follower", b.model, task, "hand-set chain-follower: manipulation in layer 0, one chain "
+                    "step per later layer", heads, list(range(1, task.config.n + 1)), shortcut=False)
+
+
+def shadow_heads(task_config: TaskConfig = ZOO_TASK) -> ZooModel:
+    """The chain-follower plus a shadow (same attention, W_O = 0) of each planted head: L0H2, L0H3 and L{l}H1."""
+    task = LegoTask(task_config)
     n = task.config.n
-    b = _Builder(task, n_layers=n, extra={})
+    b, heads = _follower(task)
+    shadows = {(0, 2): 0, (0, 3): 1, **{(layer, 1): 0 for layer in range(1, n)}}
+    for (layer, head), of in shadows.items():
+        b.shadow(layer, head, of)
+    attends = {site: heads[(site[0], of)] for site, of in shadows.items()}
+    return ZooModel("shadow-heads", b.model, task, "decoy: the chain-follower plus a shadow of every planted head "
+                    "(its attention exactly, W_O = 0)", {**heads, **dict.fromkeys(shadows, "inert")},
+                    list(range(1, n + 1)), shortcut=False, attends=attends)
+
+
+def moved_heads(task_config: TaskConfig = ZOO_TASK, seed: int = 0) -> ZooModel:
+    """The chain-follower with manipulation at L0H2, L0H3, the chain step at head ``l % 4`` of layer l, and every other
+    head idle (random queries, keys and values; W_O = 0)."""
+    task = LegoTask(task_config)
+    n = task.config.n
+    b, heads = _follower(task, manipulation=(2, 3), chain_head=lambda layer: layer % N_HEADS)
+    generator = torch.Generator().manual_seed(seed)
+    idle = [(layer, head) for layer in range(n) for head in range(N_HEADS) if (layer, head) not in heads]
+    for layer, head in idle:
+        b.idle(layer, head, generator)
+    return ZooModel("moved-heads", b.model, task, "decoy: the chain-follower's heads at other indices, every other "
+                    "head random with W_O = 0", {**heads, **dict.fromkeys(idle, "inert")}, list(range(1, n + 1)),
+                    shortcut=False)
+
+
+def operand_fetcher(task_config: TaskConfig = ZOO_TASK) -> ZooModel:
+    """The chain-follower whose operand-fetching head L0H0 is read by every token of the clause: at the operand it
+    attends to itself, which association's mask (identical tokens) explains as fully as manipulation does the rest."""
+    task = LegoTask(task_config)
+    b, heads = _follower(task, operand_query="clause")
+    return ZooModel("operand-fetcher", b.model, task, "decoy: the chain-follower whose L0H0 brings each clause's "
+                    "operand to every token of the clause (the operand attends to itself)", heads,
+                    list(range(1, task.config.n + 1)), shortcut=False)
+
+
+def _require_sign_count(task_config: TaskConfig) -> None:
+    if task_config.group not in ("task1", "s2") or task_config.random_root:
+        raise LegoError("the sign counter needs Task 1 with the root fixed at 1: the parity of the minus signs is the "
+                        "last value only there")
+
+
+UNUSED_CLAUSE_START = [("role0", 0, GATE), ("used", 0, -GATE)]  # a gate open (0) only at the last variable's token
+
+
+def _count_at_last(b: _Builder) -> None:
+    """Layer 0 of the counters: manipulation, the root clause, association (L0H2) and the sign count read by every
+    clause-first token (L0H3), whose parity answers the last variable."""
     b.manipulation()
     b.apply(0, "operand_lit")
-    for layer in range(1, n):
-        b.chain_step(layer, 0)
-    b.unembed()
-    heads = {(0, 0): "manipulation", (0, 1): "manipulation", **{(l, 0): "chain step" for l in range(1, n)}}
-    return ZooModel("chain-follower", b.model, task, "hand-set chain-follower: manipulation in layer 0, one chain "
-                    "step per later layer", heads, list(range(1, n + 1)), shortcut=False)
+    b.association(0, 2)
+    b.count_minus(0, 3, "role0")
+    b.parity(0, "count", UNUSED_CLAUSE_START, -GATE, "value")
 
 
 def sign_counter(where: str = "last", task_config: TaskConfig = ZOO_TASK) -> ZooModel:
     """The chain-follower whose last variable is answered by the parity of the minus signs instead, counted at the
-    last variable's own token (``where="last"``) or at BOS and copied by a broadcast head (``where="bos"``)."""
-    if task_config.group not in ("task1", "s2") or task_config.random_root:
-        raise LegoError("the sign counter needs Task 1 with the root fixed at 1: the parity of the minus signs is the "
-                        "last value only there")
-    if where not in ("last", "bos"):
-        raise LegoError(f"where={where!r}: the count is gathered at 'last' or 'bos'")
+    last variable's own token by a head read by every clause-first token (``where="last"``), at BOS and copied by a
+    broadcast head (``where="bos"``), or in layer 1 by a head that only the last variable's token reads
+    (``where="only-last"``: it needs layer 0's association head to know which token that is)."""
+    _require_sign_count(task_config)
+    if where not in ("last", "bos", "only-last"):
+        raise LegoError(f"where={where!r}: the count is gathered at 'last', 'bos' or 'only-last'")
     task = LegoTask(task_config)
     n = task.config.n
     b = _Builder(task, n_layers=n, extra={"used": 1, "count": task.group.n_ops, "parity": 2, "broadcast_parity": 2})
-    b.manipulation()
-    b.apply(0, "operand_lit")
-    b.association(0, 2)
-    unused_clause_start = [("role0", 0, GATE), ("used", 0, -GATE)]  # open (0) only at the last variable's token
     if where == "last":
-        b.count_minus(0, 3, "role0")
-        b.parity(0, "count", unused_clause_start, -GATE, "value")
+        _count_at_last(b)
         planted = {(0, 3): "operators"}
     else:
+        b.manipulation()
+        b.apply(0, "operand_lit")
+        b.association(0, 2)
+    if where == "bos":
         b.count_minus(0, 3, "bos")
         b.parity(0, "count", [("bos", 0, GATE)], -GATE, "parity")
         b.head(1, 1, [], [("bos", SCORE)], [("parity", "broadcast_parity")])  # every token reads BOS...
         # ...only the last variable keeps it, at twice the weight of a chain step landing in the same layer
-        b.copy_where(1, "broadcast_parity", unused_clause_start, -GATE, "value", weight=2.0)
+        b.copy_where(1, "broadcast_parity", UNUSED_CLAUSE_START, -GATE, "value", weight=2.0)
         planted = {(0, 3): "operators", (1, 1): "broadcast"}
+    elif where == "only-last":
+        b.head(1, 3, [("role0", "is_op", SCORE), ("used", "is_op", -SCORE)], [("bos", SCORE / 2)], [("op", "count")])
+        # twice the weight of a chain step landing in the same layer (a last clause rewired to read the root's)
+        b.parity(1, "count", UNUSED_CLAUSE_START, -GATE, "value", scale=2.0)
+        planted = {(1, 3): "operators"}
     for layer in range(1, n):
         b.chain_step(layer, 0)
     b.unembed()
+    # the last block's chain step lands on the last variable only, which the count has answered: nothing reads it
     heads = {(0, 0): "manipulation", (0, 1): "manipulation", (0, 2): "association", **planted,
-             **{(l, 0): "chain step" for l in range(1, n)}}
-    resolution = list(range(1, n)) + [1 if where == "last" else 2]
-    return ZooModel(f"counter-at-{where}", b.model, task, f"hand-set shortcut: the last variable is the parity of the "
-                    f"minus signs, counted at {'its own token' if where == 'last' else 'BOS and copied in layer 1'}; "
-                    "the rest follows the chain", heads, resolution, shortcut=True)
+             **{(l, 0): "chain step" for l in range(1, n - 1)}, (n - 1, 0): "inert"}
+    resolution = list(range(1, n)) + [{"last": 1, "bos": 2, "only-last": 2}[where]]
+    counted = {"last": "its own token", "bos": "BOS and copied in layer 1",
+               "only-last": "its own token in layer 1 by a head no other token reads"}[where]
+    return ZooModel(f"counter-{'only-last' if where == 'only-last' else 'at-' + where}", b.model, task,
+                    f"hand-set shortcut: the last variable is the parity of the minus signs, counted at {counted}; "
+                    "the rest follows the chain", heads, resolution, shortcut=True, attends={(n - 1, 0): "chain step"})
+
+
+def both_ends(task_config: TaskConfig = ZOO_TASK) -> ZooModel:
+    """The chain resolved from both ends in (n + 1) // 2 blocks: the root clause and the counted last variable in
+    block 0, then a chain step (head 0, depth l) and a reverse step (head 1, depth n - 1 - l) in every block l."""
+    _require_sign_count(task_config)
+    task = LegoTask(task_config)
+    n = task.config.n
+    n_layers = (n + 1) // 2
+    b = _Builder(task, n_layers=n_layers, extra={"used": 1, "count": task.group.n_ops,
+                                                 **{f"reverse{l}": task.group.n_literals for l in range(1, n_layers)},
+                                                 **{f"reverse_op{l}": task.group.n_ops for l in range(1, n_layers)}})
+    _count_at_last(b)
+    for layer in range(1, n_layers):
+        b.chain_step(layer, 0)
+        b.reverse_step(layer, 1)
+    b.unembed()
+    heads = {(0, 0): "manipulation", (0, 1): "manipulation", (0, 2): "association", (0, 3): "operators",
+             **{(l, 0): "chain step" for l in range(1, n_layers)}, **{(l, 1): "reverse step" for l in range(1, n_layers)}}
+    resolution = [min(k, n - 1 - k) + 1 for k in range(n)]
+    return ZooModel("both-ends", b.model, task, "decoy: the last variable counted in block 0, then a chain step "
+                    "forwards and a reverse step backwards in every block, meeting in the middle", heads, resolution,
+                    shortcut=True)
 
 
 def untrained(tied: bool, task_config: TaskConfig = TaskConfig(), seed: int = 0) -> ZooModel:
@@ -301,7 +451,8 @@ def untrained(tied: bool, task_config: TaskConfig = TaskConfig(), seed: int = 0)
 
 ZOO = {"chain-follower": chain_follower, "counter-at-last": lambda: sign_counter("last"),
        "counter-at-bos": lambda: sign_counter("bos"), "untrained-bert": lambda: untrained(False),
-       "untrained-albert": lambda: untrained(True)}
+       "untrained-albert": lambda: untrained(True), "shadow-heads": shadow_heads, "moved-heads": moved_heads,
+       "both-ends": both_ends, "operand-fetcher": operand_fetcher, "counter-only-last": lambda: sign_counter("only-last")}
 
 
 def build(name: str) -> ZooModel:

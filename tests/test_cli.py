@@ -3,12 +3,14 @@ import io
 import json
 import os
 import pickle
+import sys
 import warnings
 
 import pytest
 import torch
 
 from legointerp.checkpoint import Checkpoint, save_checkpoint
+from legointerp import cli
 from legointerp.files import shipped_folder
 from legointerp.hf import _layer_names
 from legointerp.cli import EXIT_BROKEN_PIPE, main
@@ -355,3 +357,30 @@ def test_report_json_summarises_the_written_page(capsys, ckpt, tmp_path):
     assert code == 0 and page.stat().st_size > 0 and document["report"] == str(page)
     assert list(document["accuracy"]) == [str(k) for k in range(6)] and len(document["heads"]) == 3 * 4
     assert document["shortcut"] in {"shortcut", "no shortcut", "inconclusive"}
+
+
+@pytest.mark.parametrize("argv", [["zoo"], ["shortcut", "--samples", "64"], ["heads", "--samples", "32"],
+                                  ["patch", "--samples", "4"], ["eval", "--samples", "64"]])
+def test_terminal_tables_fit_120_columns_and_explain_on_stdout(capsys, tmp_path, argv):
+    task = LegoTask(TaskConfig(n=6))
+    model = small_model(task)
+    unevaluated = save_checkpoint(Checkpoint(model_config=model.cfg, task_config=task.config,
+                                             state_dict=model.state_dict()), tmp_path / "model.pt")
+    code, out, _ = run(capsys, *argv, *([] if argv == ["zoo"] else ["--ckpt", unevaluated]))
+    assert code == 0 and max(map(len, out.splitlines())) <= 120, out
+    assert "None" not in out and "  -1 " not in out
+    if argv[0] == "patch":
+        assert "0 = corrupted, 1 = clean" in out and "Pearson r" in out
+    if argv[0] == "shortcut":
+        assert "training sentences" in out and "verdict:" in out
+    if argv[0] == "zoo":
+        assert "counter-at-bos description: hand-set shortcut" in out
+
+
+def test_recorded_commands_name_no_folder_of_the_machine(monkeypatch):
+    from legointerp.checkpoint import load_checkpoint, resolve
+
+    monkeypatch.setattr(sys, "argv", ["legointerp", "train", "--out", "/home/me/runs/m.pt", "--log=/srv/x/y.jsonl", "--seed", "1"])
+    assert cli._command() == "legointerp train --out m.pt --log=y.jsonl --seed 1"
+    for shipped in ("bundled", "bundled-shortcut"):
+        assert " /" not in load_checkpoint(resolve(shipped)).command

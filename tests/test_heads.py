@@ -1,14 +1,17 @@
 """The head classifier gives the known answer: planted heads of the zoo, planted patterns, the bundled model's chain
-step, no mechanism on untrained models; the ablations measure what an independent hook measures."""
+step, no mechanism on untrained models, and the zoo's decoys (inert look-alikes, ties, a counter at the last variable,
+reverse steps); the ablations measure what an independent hook measures."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from legointerp import zoo
 from legointerp.checkpoint import load_model
 from legointerp.evaluate import test_batch as fresh_batch
-from legointerp.heads import KINDS, RECORD_FIELDS, ROLES, attention_view_html, classify_heads, kind_masks
+from legointerp.heads import (FLAG_DROP, INERT_DROP, KINDS, RECORD_FIELDS, ROLES, TIE, attention_view_html,
+                              causal_evidence, classify_heads, head_verdict, kind_masks)
 from legointerp.patterns import row_normalised
 from tests.conftest import small_model
 
@@ -19,10 +22,12 @@ def counter_report():
     return model, classify_heads(model.model, fresh_batch(model.task, 48, seed=3), model.task)
 
 
-def test_every_planted_zoo_head_gets_its_kind_and_every_idle_head_is_diffuse(counter_report):
+def test_every_planted_zoo_head_gets_its_kind_and_every_idle_head_is_inert(counter_report):
     model, report = counter_report
     for row in report.to_frame().itertuples():
-        assert row.label == model.heads.get((row.layer, row.head), "diffuse"), (row.layer, row.head, row.label)
+        assert row.label == model.heads.get((row.layer, row.head), "inert"), (row.layer, row.head, row.label)
+        assert row.attends == model.attends.get((row.layer, row.head), row.attends if (row.layer, row.head) in model.heads
+                                                else "diffuse")
 
 
 def test_truncated_ablation_finds_each_chain_step_that_full_runs_hide(counter_report):
@@ -32,10 +37,11 @@ def test_truncated_ablation_finds_each_chain_step_that_full_runs_hide(counter_re
     # the chain-follower resolves depth k in block k or, when that block is ablated, in a later spare block
     assert (frame.loc[chain_steps, "truncated_drop"] > 0.3).all()
     assert (frame.loc[chain_steps[:5], "mean_drop"] < 0.05).all()
-    idle = frame[frame["label"] == "diffuse"]
+    idle = frame[frame["label"] == "inert"]
     assert (idle[["mean_drop", "resample_drop", "truncated_drop"]].abs() < 1e-6).all().all()
-    # the last variable is the counter's: the chain step of the last block has nothing to do
+    # the last variable is the counter's: the chain step of the last block has nothing to do, so it is inert
     assert frame.loc[(11, 0), "truncated_drop"] == pytest.approx(0, abs=1e-6)
+    assert head_verdict(frame.reset_index().iloc[11 * 4]) == "inert: attends like a chain step"
 
 
 def test_untrained_models_get_no_mechanism_label():
@@ -114,7 +120,10 @@ def test_ablation_drop_matches_an_independent_hook(task):
             assert np.allclose(drops[kind].loc["L0H0"].to_numpy(), expected.numpy(), atol=1e-6)
         truncated = model(batch.tokens, n_layers=2)
         ablated = model.run_with_hooks(batch.tokens, n_layers=2, fwd_hooks=[("blocks.1.attn.hook_z", mean_ablate)])
-    assert drops["truncated"].loc["L1H0", "drop"] == pytest.approx(float(accuracy(truncated)[1] - accuracy(ablated)[1]), abs=1e-6)
+    lost = accuracy(truncated) - accuracy(ablated)
+    n = batch.values.shape[1]
+    assert drops["truncated"].loc["L1H0", "forward"] == pytest.approx(float(lost[1]), abs=1e-6)
+    assert drops["truncated"].loc["L1H0", "reverse"] == pytest.approx(float(lost[n - 2]), abs=1e-6)
 
 
 def test_records_and_offline_attention_view(task):
@@ -127,6 +136,19 @@ def test_records_and_offline_attention_view(task):
     assert "src=\"http" not in view and "https://unpkg" not in view
     assert "L0H1" in view and task.to_text(batch.tokens[0]).split("=")[0].strip() in view
     assert report.plot().data[0].z.shape == (2, 4)
+
+
+def test_head_map_cells_show_label_and_lift_and_hover_names_the_head(task):
+    model = small_model(task, n_layers=2)
+    report = classify_heads(model, task.sample(16, torch.Generator().manual_seed(2)), task, ablate=False)
+    heatmap = report.plot().data[0]
+    assert heatmap.texttemplate == "%{text}"  # a Heatmap's texttemplate cannot read customdata: it renders "-"
+    scores = report.scores.set_index(["layer", "head"])
+    for layer in range(2):
+        for head in range(4):
+            row = scores.loc[(layer, head)]
+            assert heatmap.text[layer][head] == f"{row.label}<br>{row.lift:.2f}"
+            assert heatmap.hovertext[layer][head].startswith(f"L{layer}H{head}: <b>{row.label}</b>")
 
 
 def test_hardcoded_heads_are_labelled_with_their_fixed_pattern_and_ablate(task):
@@ -165,3 +187,80 @@ def test_ablation_removes_the_identity_copy_of_plus_b_i_heads_too(task):
     pair = flip_sign(task, batch, 1)
     with pytest.raises(ConfigError, match="hook_identity_out"):
         patch_head_z(model, pair, normalised_metric(model, pair))
+
+
+def _decoy(name: str, ablate: bool, samples: int = 24):
+    built = zoo.build(name)
+    report = classify_heads(built.model, fresh_batch(built.task, samples, seed=3), built.task, ablate=ablate)
+    return built, report.to_frame().set_index(["layer", "head"]), report
+
+
+def _assert_truth(built, frame):
+    labels = {site: built.heads.get(site, "inert") for site in frame.index}
+    assert frame["label"].to_dict() == labels
+    for site, kind in built.attends.items():
+        assert frame.loc[site, "attends"] == kind, site
+
+
+@pytest.mark.parametrize("name", ["shadow-heads", "moved-heads"])
+def test_heads_that_write_nothing_are_inert_whatever_their_attention(name):
+    """Shadows attend exactly like the planted heads, idle heads have random queries and keys: W_O = 0 makes them
+    inert by their weights alone, with no ablation run, and their attention stays on record."""
+    built, frame, _ = _decoy(name, ablate=False)
+    _assert_truth(built, frame)
+    inert = frame[frame["label"] == "inert"]
+    assert (inert["evidence"] == "weights").all() and (inert["output"] == 0).all()
+    assert inert["attends"].isin(KINDS).any()  # the decoy bites: some inert head attends like a kind
+    assert (frame.loc[frame["label"] != "inert", "output"] > 0.1).all()
+
+
+def test_a_tie_is_decided_by_the_keys_only_one_kind_has():
+    """L0H0 brings each clause's operand to every token of the clause: manipulation at the variable, and the operand's
+    attention on itself, which association's mask explains equally (lift 1.00 both): the variables, where both kinds
+    do their job, decide.  The chain steps tie with association at the operand tokens in the same way."""
+    built, frame, _ = _decoy("operand-fetcher", ablate=False)
+    _assert_truth(built, frame)
+    head = frame.loc[(0, 0)]
+    assert head["runner_up"] == "association" and head["runner_up_lift"] >= head["lift"] - TIE
+    assert "association 0.00 vs manipulation 1.00" in head["tie"]
+    assert frame.loc[(1, 0), "runner_up"] == "association" and "at the variables" in frame.loc[(1, 0), "tie"]
+
+
+def test_a_head_counting_the_signs_at_the_last_variable_is_operators():
+    """The counting head rests on BOS everywhere but at the last variable, where it attends to the operators."""
+    built, frame, _ = _decoy("counter-only-last", ablate=False)
+    assert frame.loc[(1, 3), ["label", "role"]].tolist() == ["operators", "last variable"]
+    assert frame.loc[(1, 3), "lift"] > 0.8 and frame.loc[(1, 3), "runner_up"] != "broadcast"
+
+
+@pytest.fixture(scope="module")
+def both_ends():
+    return _decoy("both-ends", ablate=True, samples=48)
+
+
+def test_the_truncated_test_follows_a_reverse_step_backwards(both_ends):
+    built, frame, _ = both_ends
+    _assert_truth(built, frame)
+    reverse = frame[frame["attends"] == "reverse step"]
+    forward = frame[frame["attends"] == "chain step"]
+    assert len(reverse) == len(forward) == 5
+    assert (reverse["truncated_drop"] > 0.3).all() and (forward["truncated_drop"] > 0.3).all()
+    assert (reverse["evidence"] == "truncated").all() and (frame["flag"] == "").all()
+
+
+def test_every_label_shows_its_evidence_and_a_disagreement_is_flagged(both_ends):
+    built, frame, report = both_ends
+    working = frame[frame["label"] != "inert"]
+    assert working["runner_up"].isin(KINDS).all() and working["runner_up_lift"].notna().all()
+    named = working.apply(lambda r: r[f"{r['evidence']}_drop"], axis=1)
+    assert np.allclose(named, working["evidence_drop"]) and (working["evidence_drop"] > INERT_DROP).all()
+    # the forward depth's truncated drop for a reverse step: the step test finds nothing the full ablations find
+    wrong = report.scores.assign(truncated_drop=report.drops["truncated"]["forward"].to_numpy())
+    flags = causal_evidence(wrong).set_index(["layer", "head"]).loc[frame.index[frame["attends"] == "reverse step"], "flag"]
+    assert flags.str.contains("truncated test").all()
+    idle = pd.DataFrame({"label": ["diffuse", "diffuse"], "attends": ["diffuse", "diffuse"], "evidence": ["", ""],
+                         "truncated_drop": [np.nan, 0.0], "mean_drop": [2 * FLAG_DROP, INERT_DROP / 2],
+                         "resample_drop": [0.0, 0.0]})
+    judged = causal_evidence(idle)
+    assert judged["label"].tolist() == ["diffuse", "inert"] and "matches no kind" in judged["flag"][0]
+    assert judged["evidence"].tolist() == ["mean", "mean"] and judged["flag"][1] == ""

@@ -122,3 +122,87 @@ def test_head_results_only_when_asked_and_equal_the_bridges(task):
     _, theirs = to_bridge(model).run_with_cache(tokens)
     assert torch.allclose(cache.stack_head_results(), theirs.stack_head_results(), atol=1e-4)
     assert "use_attn_result" not in model.cfg.to_dict()
+
+
+def test_padding_from_to_tokens_is_masked_by_default(task):
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    long, short = task.to_text(task.sample(1, torch.Generator().manual_seed(0)).tokens[0]), "a=+1; b=-a"
+    tokens = model.to_tokens([long, short])
+    assert (tokens[1] == task.vocab.index("[PAD]")).any()
+    alone = model(model.to_tokens(short))[0]
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits[1, : alone.shape[0]], alone, atol=1e-5)
+    padding = tokens[1] == task.vocab.index("[PAD]")
+    assert cache["pattern", 1][1][..., padding].abs().max() == 0
+    assert torch.equal(model(tokens), model(tokens, tokens != task.vocab.index("[PAD]")))
+
+
+def test_transformer_lens_habits_work_on_the_native_model(task):
+    from transformer_lens.head_detector import detect_head
+
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    sentence = "a=+1; b=-a; c=+b"
+    tokens = model.to_tokens(sentence)
+    assert torch.equal(model(sentence), model(tokens))  # a string runs as TransformerLens's models do
+    assert torch.equal(model.to_tokens(sentence, prepend_bos=False), tokens[:, 1:])
+    logits, loss = model(tokens, return_type="both")
+    answers = logits[0, [1, 6, 11]]  # each clause's variable token reads its value: +1, -1, -1
+    expected = torch.nn.functional.cross_entropy(answers, torch.tensor([task.literal_index[v] for v in ("1", "-1", "-1")]))
+    assert torch.allclose(loss, expected) and torch.allclose(model(sentence, return_type="loss"), expected)
+    assert model(tokens, return_type=None) is None
+    assert model.cfg.dtype == torch.float32 and "dtype" not in model.cfg.to_dict()
+    scores = detect_head(model, sentence, torch.tril(torch.ones(tokens.shape[1], tokens.shape[1])))
+    assert scores.shape == (model.cfg.n_layers, model.cfg.n_heads) and (scores >= 0).all()
+    pair, cache = model.run_with_cache([sentence, "a=-1; b=+a"])
+    lens = cache.logit_lens()  # at the last position, each layer read through ln_final and the unembedding
+    assert torch.allclose(lens.values[-1], pair[:, -1], atol=1e-5)
+
+
+def test_the_bridge_reads_and_writes_lego_sentences_with_a_hugging_face_tokenizer(task):
+    from transformers import PreTrainedTokenizer
+
+    from legointerp.task import LegoError
+
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    bridge = to_bridge(model)
+    assert isinstance(bridge.tokenizer, PreTrainedTokenizer)
+    sentences = ["a=+1; b=-a; c=+b", "c=-1; a=+c"]
+    assert torch.equal(bridge.to_tokens(sentences), model.to_tokens(sentences))
+    assert bridge.to_str_tokens(sentences[0]) == model.to_str_tokens(sentences[0])
+    assert bridge.to_string(bridge.to_tokens(sentences)) == model.to_string(model.to_tokens(sentences))
+    assert torch.equal(bridge.to_tokens(sentences[0], prepend_bos=False), model.to_tokens(sentences[0])[:, 1:])
+    with torch.no_grad():
+        assert torch.allclose(bridge(sentences[0]), model(sentences[0]), atol=1e-4)
+    with pytest.raises(LegoError, match="not made of this task's tokens"):
+        bridge.to_tokens("a=+1; b=*a")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm": "post"}, {"hardcoded": ("association", None, None, None)}])
+def test_split_qkv_inputs_patch_one_heads_value_path(task, overrides):
+    if "hardcoded" in overrides:
+        overrides = {**overrides, "variable_offset": task.variable_offset}
+    model = perturbed(small_model(task, **overrides))
+    clean, corrupted = (task.sample(4, torch.Generator().manual_seed(seed)).tokens for seed in (0, 1))
+    logits, cache = model.run_with_cache(corrupted)
+    model.set_use_split_qkv_input(True)
+    assert torch.allclose(model(clean), model.run_with_hooks(clean), atol=1e-5)
+    split_logits, split_cache = model.run_with_cache(corrupted)
+    assert torch.allclose(split_logits, logits, atol=1e-5)
+    assert split_cache["blocks.1.hook_v_input"].shape == (4, task.n_ctx, 4, 32)
+
+    def value_input(x, hook):  # head 2's value reads the corrupted stream
+        return torch.cat([x[:, :, :2], cache["resid_pre", 1][:, :, None], x[:, :, 3:]], 2)
+
+    def value(v, hook):
+        return torch.cat([v[:, :, :2], cache["v", 1][:, :, 2:3], v[:, :, 3:]], 2)
+
+    patched = model.run_with_hooks(clean, fwd_hooks=[("blocks.1.hook_v_input", value_input)])
+    model.set_use_split_qkv_input(False)
+    assert torch.allclose(patched, model.run_with_hooks(clean, fwd_hooks=[("blocks.1.attn.hook_v", value)]), atol=1e-5)
+    assert not torch.allclose(patched, model(clean), atol=1e-3)
+    model.set_use_attn_in(True)
+    assert torch.allclose(model(corrupted), logits, atol=1e-5)
+    assert "use_attn_in" not in model.cfg.to_dict()

@@ -446,6 +446,34 @@ def test_ablating_the_identity_hook_removes_the_copy(task):
                           cache["attn_out", 0] - cache["blocks.0.attn.hook_identity_out"].sum(2), atol=1e-5)
 
 
+def test_stacked_head_results_include_the_identity_copy_without_use_attn_result(task):
+    model = identity_model(task)
+    tokens = task.sample(3, torch.Generator().manual_seed(2)).tokens
+    _, cache = model.run_with_cache(tokens)
+    assert "blocks.1.attn.hook_result" not in cache.cache_dict  # rebuilt from hook_z, as TransformerLens does
+    heads = cache.stack_head_results(layer=2).unflatten(0, (2, 4))  # (layers, heads, B, P, D)
+    b_O = model.b_O[:2, None, None]
+    assert torch.allclose(heads.sum(1) + b_O, torch.stack([cache["attn_out", 0], cache["attn_out", 1]]), atol=1e-5)
+    _, partial = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_z"))
+    with pytest.raises(ConfigError, match="hook_identity_out"):
+        partial.stack_head_results()
+
+
+def test_post_ln_cache_refuses_the_helpers_that_assume_a_sum_of_writes(task):
+    model = small_model(task, norm="post")
+    _, cache = model.run_with_cache(task.sample(2, torch.Generator().manual_seed(0)).tokens)
+    values = torch.zeros(2, task.n_ctx, dtype=torch.long)
+    helpers = {"decompose_resid": lambda: cache.decompose_resid(),
+               "apply_ln_to_stack": lambda: cache.apply_ln_to_stack(cache.accumulated_resid(), -1),
+               "logit_attrs": lambda: cache.logit_attrs(cache.accumulated_resid(), values),
+               "get_full_resid_decomposition": lambda: cache.get_full_resid_decomposition(expand_neurons=False),
+               "sliced decompose_resid": lambda: cache.apply_slice_to_batch_dim(0).decompose_resid()}
+    for name, helper in helpers.items():
+        with pytest.raises(ConfigError, match="needs a pre-LN model"):
+            helper()
+    assert cache.accumulated_resid().shape[0] == model.cfg.n_layers + 1  # the streams themselves are fine
+
+
 def test_identity_scalars_learn_and_round_trip(task, tmp_path):
     model = small_model(task, identity_attention=True, tied=True).train()
     model(task.sample(4, torch.Generator().manual_seed(0)).tokens).square().sum().backward()

@@ -69,6 +69,19 @@ def test_exact_patching_equals_transformer_lens_on_the_bridge(task):
     assert ours_resid[0, pair.clean.clause_pos[0, 2] + 2].item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_head_patching_on_a_post_ln_model_equals_transformer_lens_on_the_model(task):
+    model = small_model(task, n_layers=2, norm="post")
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
+    pair = flip_sign(task, task.sample(6, torch.Generator().manual_seed(0)), 2)
+    metric = normalised_metric(model, pair)
+    _, clean_cache = model.run_with_cache(pair.clean.tokens)
+    theirs = tl_patching.get_act_patch_attn_head_out_by_pos(model, pair.corrupted.tokens, clean_cache, metric)
+    ours = patch_head_z(model, pair, metric)
+    assert (ours - theirs).abs().max() <= 1e-4 and (theirs - theirs[0, 0, 0]).abs().max() > 0.05
+
+
 def test_attribution_is_zero_where_clean_and_corrupted_agree_and_tracks_exact_patching(task):
     model, pair = model_and_pair(task)
     metric = normalised_metric(model, pair)
@@ -91,7 +104,9 @@ def test_patch_result_tables_and_figure(task):
     assert len(frame) == 2 * task.n_ctx * (1 + 4)
     assert frame["token"].iloc[0] == "0:[BOS]" and "agreement" in result.to_dict()
     assert -1 <= result.agreement <= 1
-    assert len(result.plot().data) == 2
+    figure = result.plot()
+    assert len(figure.data) == 2  # and the subplot titles fit write_image's default 700 px: ~80 characters at 12 px
+    assert all(note.font.size == 12 and len(line) <= 80 for note in figure.layout.annotations for line in note.text.split("<br>"))
     agreements = result.agreements.set_index("site")
     assert list(agreements.index) == ["resid_pre", "head_z"] and agreements["sites"].tolist() == [2 * task.n_ctx, 8 * task.n_ctx]
     assert agreements[["pearson", "spearman"]].abs().le(1).all().all()
@@ -175,9 +190,10 @@ def ckpt(tmp_path, task):
 def test_patch_command_prints_the_strongest_sites_and_says_how_many_it_cut(capsys, ckpt, task):
     assert cli_main(["patch", "--ckpt", str(ckpt), "--samples", "4", "--depth", "2", "--top", "5"]) == 0
     out, err = capsys.readouterr()
-    rows = out.strip().splitlines()[1:]
+    rows = out.strip().splitlines()[1:6]
     sites = 3 * task.n_ctx  # resid_pre only: heads are opt-in
-    assert len(rows) == 5 and f"of {sites}: {sites - 5} more" in err and "Pearson r =" in err and "Spearman rho =" in err
+    notes = " ".join(out.strip().splitlines()[6:])  # the explanation follows the table, on stdout
+    assert f"of {sites}: {sites - 5} more" in notes and "Pearson r =" in notes and "Spearman rho =" in notes
     effects = [float(row.split()[-2]) for row in rows]  # the exact score; the corrupted run scores 0
     assert [abs(e) for e in effects] == sorted((abs(e) for e in effects), reverse=True)
 

@@ -167,3 +167,42 @@ def test_every_finding_runs_at_the_micro_scale(tmp_path):
         assert row["verdict"] in ("yes", "partly", "no") and row["ours"]
         finding_figure(row, first_seed_logs(row, out))
     assert write_table(out).read_text().count("| **") == len(FINDINGS)
+
+
+STOPPABLE = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from legointerp.replicate import ensure_runs
+from tests.test_replicate import MICRO
+ensure_runs(["albert", "bert"], replace(MICRO, steps=1_000_000, eval_every=2), Path(sys.argv[1]), jobs=2)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])  # Ctrl-C in a terminal signals the group; `kill -INT` the main one
+def test_ctrl_c_stops_every_job_at_a_step_boundary_saved_and_starts_no_other(tmp_path, group):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from legointerp.train import read_log
+
+    process = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(tmp_path)], start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                               stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    logs = lambda: sorted((tmp_path / "micro").glob("*.log.jsonl"))  # noqa: E731
+    while len(logs()) < 2 and process.poll() is None:  # both jobs are training
+        time.sleep(0.2)
+    (os.killpg if group else os.kill)(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"replicate --jobs 2 did not stop on SIGINT: {process.stderr.read().decode()[-2000:]}")
+    assert process.returncode != 0, process.stderr.read().decode()[-2000:]
+    assert [path.name for path in logs()] == ["albert-seed0.log.jsonl", "albert-seed1.log.jsonl"]  # bert never started
+    for path in logs():
+        checkpoint = Path(str(path).replace(".log.jsonl", ".pt"))
+        assert checkpoint.is_file() and read_log(checkpoint)[-1]["step"] < 1_000_000

@@ -164,7 +164,8 @@ def test_report_command_writes_the_page_for_a_checkpoint_without_log(tmp_path, i
     assert main(["report", "--ckpt", str(tmp_path / "x.pt"), "--out", str(out), "--samples", "24",
                  "--head-samples", "12", "--patch-samples", "1", "--quiet"]) == 0
     page = out.read_text()
-    assert "no training log found" in page and "legointerp report: x.pt" in page
+    assert "no training log found" in page.lower() and "legointerp report: x.pt" in page
+    assert "figure-training-curves" not in page  # no empty axis: the section says why there is no figure
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs Debian's chromium)")
@@ -190,3 +191,18 @@ def test_report_renders_offline_in_chromium_every_section_and_figure(page, tmp_p
     assert "Head Selector" in first["mounted"] and "Head Selector" in last["mounted"]  # the widget mounted both times
     assert first["source"] != last["source"]  # on another sentence
     assert result["frameHeight"] > 300  # the frame grew to its widget
+
+
+def test_shortcut_section_points_at_a_head_counting_the_signs(inputs, analyses):
+    from dataclasses import replace
+
+    from legointerp import zoo
+    from legointerp.heads import classify_heads
+
+    built = zoo.build("counter-only-last")
+    heads = classify_heads(built.model, evaluate.test_batch(built.task, 24, seed=3), built.task, ablate=False)
+    page = model_report(name="x.pt", checkpoint=inputs[2], log=inputs[4], analyses=replace(analyses, heads=heads))
+    shortcut = visible_text(page).split("id='shortcut-detection")[1].split("<h2")[0]
+    assert "L1H3 at the last variable" in shortcut
+    assert "No head is labelled operators" in visible_text(model_report(name="x.pt", checkpoint=inputs[2], log=inputs[4],
+                                                                        analyses=analyses))

@@ -11,7 +11,7 @@ from legointerp.checkpoint import Checkpoint, load_model, resolve, save_checkpoi
 from legointerp.cli import main
 from legointerp.evaluate import test_batch as fresh_sentences
 from legointerp.shortcut import (_earlier, _verdict, detect_shortcut, first_learned, is_abelian, learned_level,
-                                 middle_depths, rewire_last, validate_log)
+                                 middle_depths, rewire_last, training_order, validate_log)
 from legointerp.task import LegoError, LegoTask, TaskConfig
 from legointerp.train import read_log
 from tests.conftest import small_model
@@ -35,8 +35,25 @@ def test_learning_order_comes_from_leaving_chance_not_a_fixed_bar():
     assert _earlier(None, learned[1:3]) is None  # never learned: no evidence either way
 
 
+def test_training_order_abstains_where_the_curriculum_admitted_the_last_position_late():
+    """An untrained last position drifts across the level (0.7 at 200) before the curriculum admits it (at 300)."""
+    log = [{"samples": 100, "longest_chain": 2, "accuracy": [0.95, 0.6, 0.5, 0.5]},
+           {"samples": 200, "longest_chain": 3, "accuracy": [0.99, 0.9, 0.7, 0.7]},
+           {"samples": 300, "longest_chain": 4, "accuracy": [0.99, 0.99, 0.9, 0.55]},
+           {"samples": 400, "longest_chain": 4, "accuracy": [0.99, 0.99, 0.99, 0.9]}]
+    level = learned_level(2)
+    assert first_learned(log, level) == [100, 200, 200, 400]  # not 200: position 3 was not trained then
+    says, why = training_order(log, level, [1, 2])
+    assert says is None and "cannot tell" in why
+    early = [{**row, "longest_chain": 4} for row in log]  # every position trained from the start: the vote counts
+    assert first_learned(early, level) == [100, 200, 200, 200]
+    assert training_order(early, level, [1, 2]) == (False, "")
+    assert training_order(read_log("bundled"), level, middle_depths(12))[0] is None
+
+
 @pytest.mark.parametrize("row", [{"samples": 1}, {"accuracy": [0.5] * 4}, {"samples": 1, "accuracy": [0.5] * 3},
-                                 {"samples": 1, "accuracy": "high"}, "not a row"])
+                                 {"samples": 1, "accuracy": "high"}, "not a row",
+                                 {"samples": 1, "accuracy": [0.5] * 4, "longest_chain": "4"}])
 def test_a_damaged_log_row_is_named(row):
     with pytest.raises(LegoError, match="row 2"):
         validate_log([{"samples": 1, "accuracy": [0.5] * 4}, row], 4)
@@ -117,6 +134,8 @@ def test_shortcut_result_exports(verdicts):
     assert document["verdict"] == "shortcut" and len(document["resolution_layers"]) == 12
     figure = result.plot()
     assert "shortcut" in figure.layout.title.text and len(figure.data) >= 5
+    # at write_image's default 700 px a third of the width holds ~26 characters of a 12 px subplot title per line
+    assert all(len(line) <= 26 for note in figure.layout.annotations for line in note.text.split("<br>"))
 
 
 def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path):

@@ -12,13 +12,12 @@ import torch
 from legointerp import timeline as timeline_module
 from legointerp.checkpoint import load_checkpoint, save_checkpoint
 from legointerp.cli import main
-from legointerp.errors import LegoInterpError
 from legointerp import evaluate
 from legointerp.heads import LABEL_THRESHOLD, attention_patterns
 from legointerp.model import ConfigError
 from legointerp.shortcut import learned_level, middle_depths
 from legointerp.task import LegoTask, TaskConfig
-from legointerp.timeline import TimelineOptions, snapshot_list, timeline
+from legointerp.timeline import TimelineOptions, timeline
 from legointerp.train import TrainConfig, Trainer, snapshot_folder, snapshot_steps
 from legointerp.zoo import chain_follower
 

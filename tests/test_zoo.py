@@ -22,7 +22,10 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("name", ["chain-follower", "counter-at-last", "counter-at-bos"])
+DECOYS = ["shadow-heads", "moved-heads", "both-ends", "operand-fetcher", "counter-only-last"]
+
+
+@pytest.mark.parametrize("name", ["chain-follower", "counter-at-last", "counter-at-bos", *DECOYS])
 def test_hand_set_models_solve_every_position(name):
     built = zoo.build(name)
     accuracy = accuracy_by_position(built.model, fresh_batch(built.task, 300, seed=1))
@@ -51,7 +54,49 @@ def test_chain_follower_takes_one_chain_step_per_block():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name, counts", [("chain-follower", False), ("counter-at-last", True), ("counter-at-bos", True)])
+def test_both_ends_takes_a_step_from_each_end_per_block():
+    """A run of the first j + 1 blocks answers exactly depths 0..j and n - 1 - j..n - 1: the chain is walked forwards
+    from the root and backwards from the counted last variable, one step each per block."""
+    built = zoo.build("both-ends")
+    batch = fresh_batch(built.task, 64, seed=2)
+    n = built.task.config.n
+    assert built.model.cfg.n_layers == n // 2
+    for j in range(n // 2):
+        predicted = clause_logits(built.model(batch.tokens, n_layers=j + 1), batch).argmax(-1)
+        accuracy = (predicted == batch.values).float().mean(0)
+        solved = torch.zeros(n, dtype=torch.bool)
+        solved[: j + 1] = solved[n - 1 - j:] = True
+        assert (accuracy[solved] == 1.0).all() and (accuracy[~solved] < 0.75).all(), j
+
+
+@torch.no_grad()
+def test_decoy_heads_are_what_they_claim_without_any_analysis():
+    """A shadow's attention equals its original's (to float error); a shadow, an idle head and the counters' last chain step
+    can be zeroed without changing a single answer (zeroing a planted manipulation head does change them)."""
+    built = zoo.build("shadow-heads")
+    batch = fresh_batch(built.task, 32, seed=5)
+    _, cache = built.model.run_with_cache(batch.tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    for (layer, head), kind in built.attends.items():
+        originals = [h for (l, h), k in built.heads.items() if l == layer and k == kind]
+        assert any(torch.allclose(cache["pattern", layer][:, head], cache["pattern", layer][:, h], atol=1e-6)
+                   for h in originals), (layer, head)
+
+    def answers(model, zeroed):
+        hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook, h=head: z.index_fill(2, torch.tensor([h]), 0))
+                 for layer, head in zeroed]
+        return clause_logits(model.run_with_hooks(batch.tokens, fwd_hooks=hooks), batch).argmax(-1)
+
+    for name in ["shadow-heads", "moved-heads", "counter-at-bos", "counter-only-last"]:
+        built = zoo.build(name)
+        inert = [site for site, kind in built.heads.items() if kind == "inert"]
+        assert inert and torch.equal(answers(built.model, inert), batch.values), name
+        planted = [site for site, kind in built.heads.items() if kind == "manipulation"]
+        assert not torch.equal(answers(built.model, planted[:1]), batch.values)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, counts", [("chain-follower", False), ("counter-at-last", True), ("counter-at-bos", True),
+                                          ("counter-only-last", True), ("both-ends", True)])
 def test_rewired_last_clause_separates_counting_from_following(name, counts):
     """The last clause's operand now points at an earlier variable, so the chain's value and the sign parity differ:
     a counter keeps answering the parity, the chain-follower follows the new chain."""
@@ -101,6 +146,9 @@ def test_zoo_lists_every_model_with_its_ground_truth(capsys):
     assert truth["untrained-bert"] is None and records[0]["heads"]["L0H0"] == "manipulation"
     code, out, _ = run(capsys, "zoo")
     assert code == 0 and all(name in out for name in zoo.ZOO) and "L1H0..L11H0" in out and "no shortcut" in out
+    assert "inert, attends like chain step: L1H1..L11H1" in out and "reverse step: L1H1..L5H1" in out
+    shadows = {r["name"]: r for r in records}["shadow-heads"]
+    assert shadows["heads"]["L1H1"] == "inert" and shadows["attends"]["L1H1"] == "chain step"
 
 
 @pytest.mark.parametrize("argv, problem", [(["zoo", "bogus"], "chain-follower"), (["zoo", "--out", "{tmp}/x.pt"], "name it"),
