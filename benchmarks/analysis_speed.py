@@ -1,5 +1,7 @@
 """Wall time of the analyses on a checkpoint (default: the bundled model), as `legointerp report` runs them,
-then the whole report (heads + probes + patching + shortcut + page) against its 60 s goal.
+then the whole report (heads + probes + patching + shortcut + page) against its 60 s goal, then the timeline of a
+20-snapshot run of the checkpoint's shape (its weights interpolated from a random twin, no cache, no ablations)
+against its 60 s goal.
 
     python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 120] [--patch-samples 16]
 """
@@ -7,19 +9,24 @@ then the whole report (heads + probes + patching + shortcut + page) against its 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from legointerp.cli import main as cli_main
-from legointerp.checkpoint import load_model, resolve
+from legointerp.checkpoint import load_checkpoint, load_model, resolve, save_checkpoint
 from legointerp.evaluate import test_batch
 from legointerp.heads import classify_heads
+from legointerp.model import random_twin
 from legointerp.patching import patch
 from legointerp.probes import percolation
 from legointerp.shortcut import detect_shortcut
+from legointerp.timeline import timeline
 from legointerp.train import read_log
 
 
@@ -54,6 +61,27 @@ def main():
                 "--quiet"] + (["--ckpt", args.ckpt] if args.ckpt else [])
         _, seconds = timed("legointerp report (all of it)", lambda: cli_main(argv))
     print(f"report: {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x)")
+    jobs = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as folder:
+        run = write_interpolated_run(args.ckpt, model, Path(folder) / "run.snapshots", snapshots=20)
+        _, serial = timed("timeline, 20 snapshots, 1 process", lambda: timeline(run, cache=False))
+        _, seconds = timed(f"timeline, 20 snapshots, {jobs} processes", lambda: timeline(run, cache=False, jobs=jobs))
+    print(f"timeline: {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x); {serial / seconds:.2f}x faster than one process")
+
+
+def write_interpolated_run(ckpt, model, folder: Path, snapshots: int) -> Path:
+    """A snapshot folder whose weights move linearly from ``model``'s random twin to ``model``: a run of its shape."""
+    checkpoint, start = load_checkpoint(ckpt), random_twin(model, seed=0).state_dict()
+    folder.mkdir()
+    rows = []
+    for t in range(snapshots):
+        share = t / (snapshots - 1)
+        state = {k: (1 - share) * start[k] + share * v for k, v in checkpoint.state_dict.items()}
+        name = f"step-{t:07d}.pt"
+        save_checkpoint(replace(checkpoint, state_dict=state), folder / name)
+        rows.append({"step": t, "samples": t, "file": name})
+    (folder / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
 
 
 if __name__ == "__main__":

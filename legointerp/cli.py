@@ -14,19 +14,20 @@ import re
 import signal
 import sys
 import textwrap
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pandas as pd
 
 from tqdm.auto import tqdm
 
-from legointerp.checkpoint import BUNDLED, load_model
+from legointerp.checkpoint import BUNDLED, load_model, resolve
 from legointerp.errors import LegoInterpError, UsageError
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.model import forward_flops
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, SEEDS, TRAIN_OPTIONS, output_file, output_folder
-from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log
+from legointerp.timeline import TimelineOptions
+from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log, snapshot_folder
 
 EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a writer stopped by SIGPIPE, as `seq 1e9 | head` does
@@ -105,6 +106,8 @@ _TRAIN_HELP = {
     "seed": "seed for the weights and the data stream", "device": "cpu, cuda, cuda:N or auto",
     "eval_every": "steps between test evaluations (logged per chain position)", "eval_size": "test sentences",
     "save_every": "steps between checkpoint saves",
+    "snapshots": "keep N weight-only checkpoints along the run, log-spaced, in OUT.snapshots/ (legointerp timeline reads them)",
+    "snapshot_every": "keep a snapshot every K steps instead (linear spacing)",
     "hardcoded": "per head, comma-separated: a fixed attention pattern computed from the tokens (association: identical "
                  "variables; manipulation: the query's own clause; broadcast: BOS/EOS) or - for a learned head, the "
                  "same in every layer (the paper's section 5), e.g. association,manipulation,-,-",
@@ -395,10 +398,13 @@ def _report(args) -> None:
 
     model, task, checkpoint, batch = _analysis_inputs(args)
     log = read_log(args.ckpt, missing_ok=True)
+    kept = snapshot_folder(resolve(args.ckpt))
     with tqdm(total=ANALYSIS_STEPS + 1, desc="report", disable=args.quiet, file=sys.stderr) as bar:
         analyses = analyse(model, task, checkpoint, batch, log, head_samples=args.head_samples,
                            patch_samples=args.patch_samples, progress=bar.update)
-        write_html(model_report(name=Path(str(args.ckpt)).name, checkpoint=checkpoint, log=log, analyses=analyses), args.out)
+        learned = _timeline_of(kept, TimelineOptions(), args) if kept.is_dir() else None
+        write_html(model_report(name=Path(str(args.ckpt)).name, checkpoint=checkpoint, log=log, analyses=analyses,
+                                timeline=learned), args.out)
         bar.update()
     print(f"wrote {args.out}", file=sys.stderr)
     if args.format == "json":
@@ -454,6 +460,56 @@ def _shortcut(args) -> None:
     _emit(args, frame, result.to_dict(), notes=(f"verdict: {result.verdict}",))
     if args.plot:
         write_html(result.plot().to_html(include_plotlyjs=True), args.plot)
+
+
+def _timeline_of(sources, options, args):
+    from legointerp.timeline import timeline
+
+    return timeline(sources, options, device=args.device, cache=not getattr(args, "no_cache", False),
+                    jobs=getattr(args, "jobs", 1),
+                    progress=lambda items, total: tqdm(items, total=total, desc="timeline", unit="snapshot", file=sys.stderr,
+                                                       disable=getattr(args, "quiet", False), leave=False))
+
+
+def _timeline(args) -> None:
+    from legointerp.report import render, timeline_section, write_html
+
+    options = TimelineOptions(samples=args.samples, seed=args.seed, ablate=args.ablate, probes=not args.no_probes,
+                              shortcut=not args.no_shortcut)
+    result = _timeline_of(args.run_sources, options, args)
+    frame = result.to_frame()
+    first = result.first_appearance()
+    _emit(args, frame if args.format == "csv" else _timeline_summary(result),
+          {"options": asdict(options), "rows": result.to_records(), "first_appearance": first.to_dict(orient="records")},
+          notes=("learned: chain positions a quarter of the way from chance to 1; rungs: depths the probes resolve; "
+                 "--format csv gives every measurement of every snapshot.",))
+    if args.format == "table":
+        print("\nfirst snapshot where some head carries each kind:")
+        print(_table(first) if len(first) else "none yet: every head diffuse, structured or inert")
+    if args.plot:
+        write_html(render("legointerp timeline", "", [timeline_section(result)]), args.plot)
+
+
+def _timeline_summary(result) -> pd.DataFrame:
+    """One line per snapshot for a terminal: accuracy, head kinds, probe rungs and verdict."""
+    from legointerp.shortcut import learned_level
+
+    accuracy = result.accuracy()
+    learned = accuracy >= learned_level(result.n_classes)
+    heads = result.labels()
+    kinds = heads.apply(lambda row: ", ".join(f"{kind} {count}" for kind, count in row.value_counts().items()
+                                              if kind not in ("diffuse", "structured")) or "-", axis=1)
+    summary = pd.DataFrame({"step": result.measure("accuracy").groupby("samples")["step"].first(),
+                            "sentences": accuracy.index, "mean acc": accuracy.mean(axis=1).round(3),
+                            "learned": learned.apply(lambda row: ",".join(str(k) for k in row.index[row]) or "-", axis=1),
+                            "heads": kinds})
+    ladder = result.probe_ladder()
+    if not ladder.empty:
+        summary["rungs"] = ladder.notna().sum(axis=1)
+    votes = result.votes() if not result.measure("verdict").empty else None
+    if votes is not None:
+        summary["verdict"] = votes["verdict"]
+    return summary
 
 
 def _analysis_parser(sub, name: str, run, samples: int, **kwargs) -> argparse.ArgumentParser:
@@ -566,6 +622,30 @@ def _head_ranges(names: list[str]) -> str:
     return " ".join(name(run[0]) if len(run) == 1 else f"{name(run[0])}..{name(run[-1])}" for run in runs)
 
 
+def _add_timeline(sub) -> None:
+    parser = sub.add_parser("timeline", help="the analyses on every snapshot of a run: how the mechanism formed",
+                            description="Run accuracy, the head classifier, the probes and the shortcut detector on "
+                                        "every snapshot a run kept (legointerp train --snapshots N), on one set of "
+                                        "fresh sentences. Results are cached per snapshot in RUN.snapshots/timeline-cache.")
+    parser.add_argument("run_sources", nargs="+", metavar="RUN",
+                        help="a run's checkpoint (model.pt, whose model.snapshots/ is read), a snapshot folder, or "
+                             "several checkpoint files")
+    parser.add_argument("--samples", type=ANALYSIS_SAMPLES["timeline"], default=TimelineOptions.samples,
+                        help=f"fresh full-length sentences, shared by every snapshot (default: {TimelineOptions.samples})")
+    parser.add_argument("--seed", type=SEED, default=TimelineOptions.seed, help="seed of those sentences")
+    parser.add_argument("--ablate", action="store_true", help="also each head's truncated-ablation drop (~20x slower)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the probes (the shortcut detector still fits them)")
+    parser.add_argument("--no-shortcut", action="store_true", help="skip the shortcut detector")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every snapshot and write no cache")
+    parser.add_argument("--jobs", type=COUNT, default=os.cpu_count() or 1,
+                        help="snapshots analysed at once, in processes sharing the threads (default: the CPU count)")
+    parser.add_argument("--plot", type=output_file, help="write the four timeline figures to this HTML file")
+    parser.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_format(parser, csv=True)
+    parser.set_defaults(run=_timeline)
+
+
 def _add_zoo(sub) -> None:
     parser = sub.add_parser("zoo", help="models whose mechanism is known by construction: check an analysis on them",
                             description="List the zoo (planted heads, resolution layer per depth, whether the last "
@@ -669,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].set_defaults(run=_train)
     _add_basic(sub)
     _add_analyses(sub)
+    _add_timeline(sub)
     _add_zoo(sub)
     _add_import(sub)
     _add_replicate(sub)

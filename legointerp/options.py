@@ -82,7 +82,8 @@ NON_NEGATIVE = Number(int, 0)
 SAMPLES = Number(int, 1, MAX_SAMPLES)
 # fewest sentences each analysis gives numbers for: head scores need two sentences, probes a held-out part
 ANALYSIS_SAMPLES = {"heads": Number(int, 2, MAX_SAMPLES), "probe": Number(int, 10, MAX_SAMPLES), "patch": SAMPLES,
-                    "shortcut": Number(int, 10, MAX_SAMPLES), "report": Number(int, 10, MAX_SAMPLES)}
+                    "shortcut": Number(int, 10, MAX_SAMPLES), "report": Number(int, 10, MAX_SAMPLES),
+                    "timeline": Number(int, 10, MAX_SAMPLES)}
 SEED = Number(int, 0, MAX_SEED)
 SEEDS = Number(int, 1, MAX_SEEDS)
 FRACTION = Number(float, 0.0, 1.0, strict_low=True)  # accuracy thresholds: 0 would pass everything
@@ -179,11 +180,12 @@ TRAIN_OPTIONS = {
     "d_model": COUNT, "n_heads": COUNT, "n_layers": COUNT, "d_mlp": COUNT, "min_depth": COUNT,
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE_REAL, "warmup": NON_NEGATIVE, "decay": PROPORTION,
     "batch_size": SAMPLES, "steps": COUNT, "mimic_steps": NON_NEGATIVE, "target_accuracy": FRACTION, "seed": SEED,
-    "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "hardcoded": HardcodedHeads(),
+    "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "snapshots": NON_NEGATIVE,
+    "snapshot_every": COUNT, "hardcoded": HardcodedHeads(),
     "norm": Choice(NORMS), "d_embed": COUNT,
     "surface": Choice(SURFACES), "mimic": Choice(MIMICKING), "init": Choice(INITS),
 }
-OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy", "d_embed"}  # None means "not used"
+OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy", "d_embed", "snapshot_every"}  # None means "not used"
 
 
 def check_train_config(config) -> None:
@@ -204,6 +206,9 @@ def check_train_config(config) -> None:
     if config.mimic != "ours" and not config.mimic_steps:
         raise ConfigError(f"mimic={config.mimic!r} picks the loss of the first --mimic-steps steps, but mimic_steps=0: "
                           "give --mimic-steps N (the official code mimics, then fine-tunes)")
+    if config.snapshots and config.snapshot_every:
+        raise ConfigError(f"snapshots={config.snapshots} (log-spaced) and snapshot_every={config.snapshot_every} (linear) "
+                          "are two schedules: give --snapshots N or --snapshot-every K, not both")
     if config.mimic_steps and config.n_heads < 2:
         raise ConfigError(f"the mimicking loss trains heads 0 and 1 but n_heads={config.n_heads}: use --n-heads 2 or "
                           "more, or --mimic-steps 0")

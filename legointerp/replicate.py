@@ -65,6 +65,7 @@ class Scale:
     eval_size: int
     seeds: tuple[int, ...] = (0, 1, 2)
     analysis_sentences: int = 600  # sentences for the head classifier, the probes and the shortcut detector
+    snapshots: int = 16  # kept along every run (log-spaced), for `legointerp timeline`
     device: str = "auto"
 
     def base(self) -> TrainConfig:
@@ -73,7 +74,8 @@ class Scale:
                            n_heads=self.n_heads, n_layers=self.n_layers, d_mlp=self.d_mlp, norm="post", lr=self.lr,
                            warmup=self.warmup, batch_size=self.batch_size, steps=self.steps,
                            mimic_steps=self.start_mimic_steps, target_accuracy=None, eval_every=self.eval_every,
-                           eval_size=self.eval_size, save_every=max(self.eval_every, self.steps // 4), device=self.device)
+                           eval_size=self.eval_size, save_every=max(self.eval_every, self.steps // 4), device=self.device,
+                           snapshots=self.snapshots)
 
 
 SCALES = {

@@ -30,6 +30,7 @@ from legointerp.plots import accuracy_figure, training_curves_figure
 from legointerp.probes import PercolationResult, percolation
 from legointerp.shortcut import ShortcutResult, detect_shortcut
 from legointerp.task import LegoBatch, LegoTask
+from legointerp.timeline import Timeline
 from legointerp.train import TrainConfig
 
 TABLE_ROWS = 8  # the page shows the strongest rows; the sub-commands' --format csv give the full tables
@@ -143,7 +144,7 @@ def figure_html(figure: go.Figure, name: str) -> str:
     config = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2, "filename": name}}
     buttons = "".join(f'<button type="button" onclick="downloadFigure(\'figure-{name}\', \'{f}\', \'{name}\')">{f.upper()}</button>'
                       for f in ("png", "svg"))
-    div = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{name}", config=config)
+    div = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{name}", config=config, auto_play=False)
     return f'<div class="figure">{div}<div class="export">download figure:{buttons}</div></div>'
 
 
@@ -206,8 +207,9 @@ def top_heads(report: HeadReport) -> tuple[pd.DataFrame, str]:
     return frame.head(TABLE_ROWS), shown
 
 
-def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses: Analyses) -> str:
-    """The HTML page from the analyses' results (no computation here)."""
+def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses: Analyses,
+                 timeline: Timeline | None = None) -> str:
+    """The HTML page from the analyses' results (no computation here); ``timeline``: the run's snapshots analysed."""
     accuracy, heads, views = analyses.accuracy, analyses.heads, analyses.views
     percolation, patching, shortcut, supervised = analyses.percolation, analyses.patching, analyses.shortcut, analyses.supervised
     chance = f"{1 / percolation.n_classes:.0%}"
@@ -278,7 +280,27 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
                      "In the figure the last position is red, the middle ones blue.")
                 + frame_html(shortcut.to_frame()) + figure_html(shortcut.plot(), "shortcut")),
     ]
+    if timeline is not None:
+        sections.append(timeline_section(timeline))
     return render(f"legointerp report: {name}", header_html(checkpoint, log, analyses.samples), sections)
+
+
+def timeline_section(timeline: Timeline) -> Section:
+    """"How it was learned": the analyses on every snapshot the run kept."""
+    first = timeline.first_appearance()
+    snapshots = timeline.frame["step"].nunique()
+    figures = timeline.figures()
+    return Section("How it was learned",
+                   read(f"The same analyses on the {snapshots} snapshots the run kept, on one set of fresh sentences: "
+                        "accuracy per chain position over training (dotted: the first snapshot where some head carries "
+                        "each kind), the head map at every snapshot (slider), the probes' resolution layer per depth "
+                        "(the ladder's rungs appearing) and the shortcut detector's votes.",
+                        "Snapshots are log-spaced by default, so the x axes are logarithmic: early training is where "
+                        "mechanisms form.")
+                   + "".join(figure_html(figure, f"timeline-{name}") for name, figure in figures.items())
+                   + frame_html(first)
+                   + "<p class='note'>First appearance of each head kind; <code>legointerp timeline --format csv</code> "
+                     "gives every measurement of every snapshot.</p>")
 
 
 def render(title: str, header: str, sections: list[Section]) -> str:

@@ -79,6 +79,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_size: int = 2000
     save_every: int = 1000
+    snapshots: int = 0  # keep this many weight-only checkpoints along the run, log-spaced (OUT.snapshots/)
+    snapshot_every: int | None = None  # or one every this many steps (linear spacing)
 
     def __post_init__(self):
         if self.init == "minilm":
@@ -178,6 +180,25 @@ def read_log(checkpoint: str | os.PathLike, missing_ok: bool = False) -> list[di
                 raise LegoInterpError(f"{path} line {number} is not JSON (a truncated write?): delete that line or the "
                                       "log to go on") from None
     return rows
+
+
+def snapshot_folder(checkpoint_path: Path) -> Path:
+    """Where a run keeps its snapshots, beside the checkpoint: model.pt -> model.snapshots/ (index.jsonl, step-*.pt)."""
+    return checkpoint_path.with_suffix(".snapshots")
+
+
+def snapshot_steps(config: TrainConfig) -> list[int]:
+    """The steps after which a snapshot is kept: every ``snapshot_every`` steps, or ``snapshots`` steps log-spaced from
+    0 (the initialisation) to ``steps``, because mechanisms form early (a short run may get fewer distinct steps); the
+    last step always.  Empty without snapshots."""
+    if config.snapshot_every:
+        chosen = range(0, config.steps + 1, config.snapshot_every)
+    elif config.snapshots:
+        exponents = np.arange(1, config.snapshots) / max(1, config.snapshots - 1)
+        chosen = ([0] if config.snapshots > 1 else []) + np.round(config.steps ** exponents).tolist()
+    else:
+        return []
+    return sorted({int(step) for step in chosen} | {config.steps})
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -345,6 +366,8 @@ class Trainer:
         self.solved_rate = 0.0  # running mean of training sentences fully solved, drives the curriculum
         self.rows: list[dict] = []  # the log, also kept in the checkpoint: the file is rebuilt from it on resume
         self.provenance = {"command": command or " ".join(sys.argv), "seed": config.seed, "torch": str(torch.__version__)}
+        self.snapshot_plan = snapshot_steps(config)
+        self.snapshot_rows: list[dict] = []  # the snapshot index, also kept in the checkpoint for --resume
         if resume:
             self._resume()
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None)
@@ -392,8 +415,13 @@ class Trainer:
         self.saved_step = self.step
         # rows logged after the last save (a killed run) are dropped: the resumed run logs those steps again
         self.rows = state.get("log") or [row for row in read_log(self.out, missing_ok=True) if row["step"] <= self.step]
+        # the schedule the run started with, so that a longer --steps adds only its own last step
+        if self.snapshot_plan:
+            self.snapshot_plan = sorted(set(state.get("snapshot_plan", self.snapshot_plan)) | {self.config.steps})
+        self.snapshot_rows = state.get("snapshots", [])
         if self.rank == 0:
             self._write_log()
+            self._write_snapshot_index()
         # a resumed run is reproduced by its whole history of commands, not by the last one
         self.provenance["command"] = f"{checkpoint.command} && {self.provenance['command']}"
 
@@ -476,7 +504,8 @@ class Trainer:
                           state_dict=cpu_state_dict(self.model.state_dict()), train_config=self.config.to_dict(),
                           train_state={"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
                                        "longest": self.longest, "solved_rate": self.solved_rate,
-                                       "world_size": self.world, "log": self.rows},
+                                       "world_size": self.world, "log": self.rows,
+                                       "snapshot_plan": self.snapshot_plan, "snapshots": self.snapshot_rows},
                           accuracy=accuracy, provenance=self.provenance)
 
     def _reached_target(self, accuracy: list[float] | None) -> bool:
@@ -499,11 +528,45 @@ class Trainer:
         if self.log_live:
             self._write_log()
 
+    def _snapshot(self, accuracy: list[float]) -> None:
+        """A weight-only checkpoint of this step (no optimizer state) in the run's snapshot folder, and its index row."""
+        name = f"step-{self.step:07d}.pt"
+        samples = self.step * self.config.batch_size
+        save_checkpoint(Checkpoint(model_config=self.model.cfg, task_config=self.task.config,
+                                   state_dict=cpu_state_dict(self.model.state_dict()), train_config=self.config.to_dict(),
+                                   accuracy=accuracy, provenance={**self.provenance,
+                                                                  "snapshot": {"step": self.step, "samples": samples}}),
+                        snapshot_folder(self.out) / name)
+        self.snapshot_rows.append({"step": self.step, "samples": samples, "elapsed_s": round(self.elapsed, 2),
+                                   "accuracy": accuracy, "file": name})
+        self._write_snapshot_index()
+
+    def _write_snapshot_index(self) -> None:
+        """index.jsonl lists exactly this run's snapshots; snapshot files it does not list (a replaced run's, or steps
+        a killed run took after its last save, which the resumed run takes again) are removed."""
+        folder = snapshot_folder(self.out)
+        if not self.snapshot_rows and not folder.is_dir():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(row) + "\n" for row in self.snapshot_rows)
+        atomic_write(folder / "index.jsonl", lambda f: f.write(text.encode()))
+        listed = {row["file"] for row in self.snapshot_rows}
+        for stale in folder.glob("step-*.pt"):
+            if stale.name not in listed:
+                stale.unlink()
+
+    def _snapshot_due(self, last: bool = False) -> bool:
+        """Whether this step's snapshot is still to take: a planned step, or (``last``) the step the run ends at."""
+        planned = bool(self.snapshot_plan) if last else self.step in self.snapshot_plan
+        return planned and not (self.snapshot_rows and self.snapshot_rows[-1]["step"] == self.step)
+
     def _save(self, checkpoint: Checkpoint) -> None:
-        """The checkpoint, then the log it holds (a kill in between leaves a log that --resume rebuilds)."""
+        """The checkpoint, then the log it holds (a kill in between leaves a log that --resume rebuilds), and the
+        snapshot index (a replaced run without snapshots leaves none of the old run's behind its checkpoint)."""
         save_checkpoint(checkpoint, self.out)
         self.saved_step, self.log_live = self.step, True
         self._write_log()
+        self._write_snapshot_index()
 
     def _close_group(self) -> None:
         """Close the process group this trainer opened, once every rank has left its last collective.  Without this a
@@ -528,6 +591,8 @@ class Trainer:
         try:
             with _StopRequests() as requests:
                 stop = 0
+                if leader and self._snapshot_due():  # step 0: the initialisation
+                    self._snapshot(self.evaluate())
                 while self.step < config.steps and not (stop := self._agreed_stop(requests.signum)):
                     started = time.perf_counter()
                     loss = self.train_step()
@@ -540,10 +605,14 @@ class Trainer:
                             bar.set_postfix(loss=f"{float(loss):.3f}", longest=self.longest, min_acc=f"{min(accuracy):.3f}")
                         if self._reached_target(accuracy):
                             break
+                    if leader and self._snapshot_due():
+                        self._snapshot(accuracy if self.rows and self.rows[-1]["step"] == self.step else self.evaluate())
                     if leader and self.step % config.save_every == 0 and self.step < config.steps:
                         self._save(self.checkpoint(accuracy))
                 if leader and not stop and not (self.rows and self.rows[-1]["step"] == self.step):
                     accuracy = self.evaluate()
+                if leader and not stop and self._snapshot_due(last=True):
+                    self._snapshot(accuracy)  # the model the run ends with, also when the target stopped it early
                 final = self.checkpoint(accuracy)
                 if leader and self.saved_step != self.step:
                     self._save(final)
