@@ -278,16 +278,24 @@ def _log_x(samples: pd.Index) -> np.ndarray:
     return np.where(samples > 0, samples, (positive.min() / 2) if len(positive) else 1)
 
 
+def _lines_by_position(table: pd.DataFrame, n: int, name: str, value: str) -> go.Figure:
+    """One line per chain position (``table``'s columns, indexed by sentences seen), blue to red along the chain, on
+    a log axis of sentences; a missing value leaves a gap."""
+    x = _log_x(table.index)
+    figure = go.Figure()
+    for k in table.columns:
+        colour = f"hsl({int(240 - 240 * k / max(1, n - 1))}, 70%, 45%)"
+        figure.add_trace(go.Scatter(x=x, y=table[k], mode="lines+markers", name=name.format(k=k), line=dict(color=colour),
+                                    hovertemplate=f"{name.format(k=k)}: {value} after %{{x:,.0f}} sentences<extra></extra>"))
+    _sentences_axis(figure, table.index)
+    return figure
+
+
 def accuracy_timeline_figure(timeline: Timeline) -> go.Figure:
     """Accuracy per chain position over training (the paper's Figure 3), with a dotted line where each head kind is
     first carried by some head."""
     accuracy = timeline.accuracy()
-    x = _log_x(accuracy.index)
-    figure = go.Figure()
-    for k in accuracy.columns:
-        colour = f"hsl({int(240 - 240 * k / max(1, timeline.n - 1))}, 70%, 45%)"
-        figure.add_trace(go.Scatter(x=x, y=accuracy[k], mode="lines+markers", name=f"#{k}", line=dict(color=colour),
-                                    hovertemplate=f"#{k}: %{{y:.2f}} after %{{x:,.0f}} sentences<extra></extra>"))
+    figure = _lines_by_position(accuracy, timeline.n, "#{k}", "%{y:.2f}")
     for i, r in enumerate(timeline.first_appearance().itertuples()):
         at = _log_x(pd.Index([r.samples]))[0]
         colour = COLOURS.get(r.label, "#888888")
@@ -297,7 +305,6 @@ def accuracy_timeline_figure(timeline: Timeline) -> go.Figure:
                                     showlegend=False, hovertemplate=f"{r.label} first at {r.samples:,} sentences "
                                                                     f"({r.heads})<extra></extra>"))
     figure.add_hline(y=1 / timeline.n_classes, line=dict(color="#999", dash="dash"), annotation_text="chance")
-    _sentences_axis(figure, accuracy.index)
     figure.update_layout(title="Accuracy per chain position over training; dotted: a head kind first appears",
                          yaxis=dict(title="test accuracy", range=[0, 1.2]), template="plotly_white", height=460,
                          margin=dict(t=70))
@@ -339,15 +346,7 @@ def head_kinds_timeline_figure(timeline: Timeline) -> go.Figure:
 
 def probe_ladder_figure(timeline: Timeline) -> go.Figure:
     """The probes' resolution layer of each chain depth over training: the rungs of the ladder appearing."""
-    ladder = timeline.probe_ladder()
-    x = _log_x(ladder.index)
-    figure = go.Figure()
-    for k in ladder.columns:
-        colour = f"hsl({int(240 - 240 * k / max(1, timeline.n - 1))}, 70%, 45%)"
-        figure.add_trace(go.Scatter(x=x, y=ladder[k], mode="lines+markers", name=f"depth {k}", line=dict(color=colour),
-                                    connectgaps=False,
-                                    hovertemplate=f"depth {k}: layer %{{y}} after %{{x:,.0f}} sentences<extra></extra>"))
-    _sentences_axis(figure, ladder.index)
+    figure = _lines_by_position(timeline.probe_ladder(), timeline.n, "depth {k}", "layer %{y}")
     figure.update_layout(title="Probe ladder over training: the first layer resolving each chain depth (gap: unresolved)",
                          yaxis=dict(title="resolution layer (0 = embeddings)", dtick=1), template="plotly_white", height=440)
     return figure
