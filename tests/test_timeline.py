@@ -216,3 +216,16 @@ def test_a_real_run_in_the_shortcut_regime_turns_to_shortcut_when_the_last_posit
     # the verdict's turn, checked by the behavioural vote alone: at the run's end the rewired sentences are answered
     # by the count (at 5088 the count share, ~0.7, sits at the vote's bar)
     assert votes["counterfactual"].iloc[-1] == 1.0 and votes["counterfactual"].iloc[0] != 1.0
+
+
+def test_the_report_of_a_run_with_snapshots_tells_how_it_was_learned(tmp_path, one_thread):
+    out = tmp_path / "run.pt"
+    Trainer(tiny_config(snapshots=3), out, progress=False).fit()
+    page, plain = tmp_path / "report.html", tmp_path / "plain.html"
+    common = ["--samples", "40", "--head-samples", "20", "--patch-samples", "4", "--quiet"]
+    assert main(["report", "--ckpt", str(out), "--out", str(page), *common]) == 0
+    text = page.read_text()
+    assert "How it was learned" in text and "figure-timeline-heads" in text
+    snapshot_folder(out).rename(tmp_path / "elsewhere")
+    assert main(["report", "--ckpt", str(out), "--out", str(plain), *common]) == 0
+    assert "How it was learned" not in plain.read_text()
