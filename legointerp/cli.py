@@ -10,7 +10,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import signal
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from legointerp.checkpoint import BUNDLED, load_model, resolve
 from legointerp.errors import LegoInterpError, UsageError
+from legointerp.files import portable
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.model import forward_flops
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, SEEDS, TRAIN_OPTIONS, output_file, output_folder
@@ -51,9 +51,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _command() -> str:
-    """This command line as a checkpoint's provenance records it: absolute paths cut to their last part, so nothing
-    shipped names a folder of the machine that made it."""
-    return " ".join(["legointerp", *(re.sub(r"(^|=)/(?:[^/]*/)*", r"\1", arg) for arg in sys.argv[1:])])
+    """This command line as a checkpoint's provenance records it (:func:`legointerp.files.portable`)."""
+    return portable(" ".join(["legointerp", *sys.argv[1:]]))
 
 
 def _emit(args, frame: pd.DataFrame, document, notes: tuple[str, ...] = ()) -> None:

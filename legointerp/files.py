@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import re
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -133,3 +134,9 @@ class OutputLock:
 
     def __del__(self):
         self.release()
+
+
+def portable(command: str) -> str:
+    """``command`` with every absolute path cut to its last part (``--runs /home/me/runs`` -> ``--runs runs``): what
+    is recorded in checkpoints, rows and tables is shipped; the folders of the machine that made them are not."""
+    return re.sub(r"(?<![\w.~:/])/[^\s=]+", lambda match: Path(match.group()).name, command)

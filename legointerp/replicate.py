@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from legointerp.checkpoint import load_model
 from legointerp.errors import LegoInterpError
 from legointerp.evaluate import test_batch
-from legointerp.files import atomic_write
+from legointerp.files import atomic_write, portable
 from legointerp.heads import COLOURS as HEAD_COLOURS, classify_heads
 from legointerp.model import random_twin
 from legointerp.plots import training_curves_figure
@@ -507,12 +506,6 @@ FINDINGS = {f.key: f for f in [
             ("albert-identity", "albert"), identity, SOONER_RULE, compare=("albert-identity", "albert"),
             curves=("albert-identity", "albert")),
 ]}
-
-
-def portable(command: str) -> str:
-    """``command`` with every absolute path cut to its last part (``--runs /home/me/runs`` -> ``--runs runs``): rows
-    and tables are shipped, the folders of the machine that made them are not."""
-    return re.sub(r"(?<![\w.~:/])/[^\s=]+", lambda match: Path(match.group()).name, command)
 
 
 def replicate(key: str, scale: Scale, runs_dir: Path, out: Path, jobs: int = 1, command: str = "") -> dict:
