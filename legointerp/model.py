@@ -696,3 +696,21 @@ def random_twin(model: LegoTransformer, seed: int) -> LegoTransformer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LegoTransformer(replace(model.cfg)).to(next(model.parameters()).device).eval()
+
+
+def unrolled(model: LegoTransformer, iterations: int) -> LegoTransformer:
+    """The same weight-tied model run for ``iterations`` applications of its block (more or fewer than it was
+    trained with), on its device, in eval mode: a for-loop that percolates one step per iteration keeps answering
+    when given more of them (the paper's section 4.1, Q3)."""
+    if not model.cfg.tied:
+        raise ConfigError("only a weight-tied (ALBERT-like) model can run more iterations than it has layers: its "
+                          "layers are one block")
+    if iterations < 1:
+        raise ConfigError(f"iterations={iterations} must be 1 or more")
+    twin = LegoTransformer(replace(model.cfg, n_layers=iterations, min_depth=None))
+    shared = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("blocks.")
+              or name.startswith("blocks.0.")}
+    twin.load_state_dict(shared, strict=False)  # every block of the twin is block 0
+    if model.task is not None:
+        twin.set_task(model.task)
+    return twin.to(next(model.parameters()).device).eval()

@@ -174,6 +174,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
 # ours: association/manipulation targets added to the task loss; official: the official code's band and same-token
 # targets by KL, with no task loss while they train (train.official_mimicking_loss)
 MIMICKING = ("ours", "official")
+MIMIC_DATA = ("lego", "random")
 # TrainConfig's numeric fields, device and hardcoded heads; group, n and supervision are checked by the task that uses them
 TRAIN_OPTIONS = {
     "n": COUNT, "n_tr": COUNT, "min_length": COUNT, "curriculum_start": COUNT, "curriculum_threshold": FRACTION,
@@ -183,7 +184,8 @@ TRAIN_OPTIONS = {
     "device": DEVICE, "eval_every": COUNT, "eval_size": SAMPLES, "save_every": COUNT, "snapshots": NON_NEGATIVE,
     "snapshot_every": COUNT, "hardcoded": HardcodedHeads(),
     "norm": Choice(NORMS), "d_embed": COUNT,
-    "surface": Choice(SURFACES), "mimic": Choice(MIMICKING), "init": Choice(INITS),
+    "surface": Choice(SURFACES), "mimic": Choice(MIMICKING), "mimic_data": Choice(MIMIC_DATA),
+    "init": Choice(INITS),
 }
 OPTIONAL = {"n_tr", "min_length", "min_depth", "target_accuracy", "d_embed", "snapshot_every"}  # None means "not used"
 
@@ -206,6 +208,9 @@ def check_train_config(config) -> None:
     if config.mimic != "ours" and not config.mimic_steps:
         raise ConfigError(f"mimic={config.mimic!r} picks the loss of the first --mimic-steps steps, but mimic_steps=0: "
                           "give --mimic-steps N (the official code mimics, then fine-tunes)")
+    if config.mimic_data == "random" and config.mimic != "official":
+        raise ConfigError("mimic_data='random' needs mimic='official' (the paper's loss reads patterns alone; ours reads "
+                          "the clauses of LEGO sentences): add --mimic official")
     if config.snapshots and config.snapshot_every:
         raise ConfigError(f"snapshots={config.snapshots} (log-spaced) and snapshot_every={config.snapshot_every} (linear) "
                           "are two schedules: give --snapshots N or --snapshot-every K, not both")

@@ -72,6 +72,7 @@ class TrainConfig:
     steps: int = 10_000
     mimic_steps: int = 0  # the paper's mimicking: pull heads 0/1 towards association/manipulation first
     mimic: str = "ours"  # or "official": the official code's targets and loss (official_mimicking_loss)
+    mimic_data: str = "lego"  # or "random": mimic on random token ids, as the paper's section 4.2.2 (official loss only)
     target_accuracy: float | None = None  # stop early once every chain position reaches this test accuracy
     seed: int = 0
     device: str = "auto"
@@ -430,8 +431,11 @@ class Trainer:
         would make the host wait for the GPU."""
         config = self.config
         shortest = None if config.min_length is None else min(config.min_length, self.longest)
-        batch = self.task.sample(config.batch_size // self.world, step_generator(config.seed, self.step, self.rank),
-                                 n=self.longest, min_length=shortest)
+        generator = step_generator(config.seed, self.step, self.rank)
+        batch = self.task.sample(config.batch_size // self.world, generator, n=self.longest, min_length=shortest)
+        if self.step < config.mimic_steps and config.mimic_data == "random":
+            # the paper mimics "without access to pretraining data": random ids in LEGO's shape, no padding
+            batch = replace(batch, tokens=torch.randint(PAD + 1, self.task.d_vocab, batch.tokens.shape, generator=generator))
         depth = self.model.sample_depth(depth_generator(config.seed, self.step))
         supervised = batch.valid & self.loss_mask[: self.longest]
         # the loss is the mean over every supervised answer of the step on all ranks, not a mean of per-rank
@@ -524,7 +528,7 @@ class Trainer:
     def _log(self, loss: float, accuracy: list[float]) -> None:
         self.rows.append({"step": self.step, "samples": self.step * self.config.batch_size,
                           "elapsed_s": round(self.elapsed, 2), "loss": round(loss, 5), "longest_chain": self.longest,
-                          "accuracy": accuracy})
+                          "accuracy": accuracy, "threads": torch.get_num_threads()})  # a log is bit-exact per thread count
         if self.log_live:
             self._write_log()
 
