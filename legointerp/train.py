@@ -212,13 +212,21 @@ def depth_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
 
 
+def fine_tuning_start(config: TrainConfig) -> int:
+    """The step where the task's training starts afresh: after the official mimicking, a pre-training of its own
+    (the official code fine-tunes in a separate run, with a new optimizer and schedule), else 0."""
+    return config.mimic_steps if config.mimic == "official" else 0
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Warmup-stable-decay: linear warmup, constant while the curriculum climbs, cosine to a tenth over the last
-    ``decay`` fraction of the steps."""
+    ``decay`` fraction of the steps; restarted at ``fine_tuning_start``."""
+    start = fine_tuning_start(config) if step >= fine_tuning_start(config) else 0
+    step, steps = step - start, config.steps - start
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    decay_start = config.steps * (1 - config.decay)
-    progress = min(1.0, max(0.0, step - decay_start) / max(1.0, config.steps - decay_start))
+    decay_start = steps * (1 - config.decay)
+    progress = min(1.0, max(0.0, step - decay_start) / max(1.0, steps - decay_start))
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -445,6 +453,8 @@ class Trainer:
             dist.all_reduce(count, group=self.host_group)
         padded = not bool(batch.attention_mask.all())  # read on the CPU batch: free, where the GPU's would sync
         batch, supervised = batch.to(self.device), supervised.to(self.device)
+        if self.step == fine_tuning_start(config) > 0:
+            self.optimizer.state.clear()  # Adam's moments of the mimicking loss would steer the task's first steps
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
         patterns: list[torch.Tensor] = []

@@ -508,3 +508,18 @@ def test_train_cli_on_the_official_surface_with_official_mimicking(tmp_path, cap
         replace(TINY, mimic="official", mimic_steps=0)
     assert cli.main(["train", "--surface", "bert"]) == 2
     assert "not one of legointerp, official" in capsys.readouterr().err
+
+
+def test_fine_tuning_after_the_official_mimicking_starts_afresh(tmp_path):
+    """The official mimicking is a pre-training: the task's steps after it warm up again from a new optimizer, as the
+    official code's separate fine-tuning run does; our mimicking (added to the task loss) keeps one schedule."""
+    official = replace(TINY, mimic="official", mimic_steps=5, warmup=4, steps=20, curriculum=False, min_length=None)
+    ours = replace(official, mimic="ours")
+    assert learning_rate(official, 5) == learning_rate(official, 0) == official.lr / 4
+    assert learning_rate(ours, 5) == official.lr
+    trainer = Trainer(replace(official, steps=6), tmp_path / "m.pt", progress=False)
+    for _ in range(5):
+        trainer.train_step()
+    assert trainer.optimizer.state  # the mimicking's moments
+    trainer.train_step()  # the first step of the task: its moments alone
+    assert all(int(state["step"]) == 1 for state in trainer.optimizer.state.values())
