@@ -1,14 +1,14 @@
-"""The LEGO paper's findings, reproduced: one command per finding, a figure and a row of ``docs/replication.md``.
+"""The LEGO paper's findings as experiments that can fail: one command per finding, a figure and a row of
+``docs/replication.md``.
 
 A finding compares *arms* (training settings: ALBERT-like vs BERT-like, with or without stochastic depth, ...) over
-several seeds at one :class:`Scale` (``cpu`` for a laptop, ``paper`` for a GPU).  Every run is an ordinary
+seeds at one :class:`Scale` (``cpu`` for a laptop, ``gpu`` and ``paper`` for a GPU).  Every run is an ordinary
 training run (:class:`~legointerp.train.Trainer`, resumable, its log beside its checkpoint), shared by every finding
-that needs the same arm, and read through the toolkit's own analyses: per-position accuracy from the logs, the head
-classifier, the probes and the shortcut detector on the final checkpoints.  A finding's *row* (JSON) holds every
-number its verdict and figure rest on, so a figure is redrawn from the row and the shipped logs alone.
-
-Each verdict follows a rule fixed here, before the runs (``Finding.rule``): ``yes`` when the paper's claim holds
-on the mean and on every seed, ``partly`` when it holds on the mean only or for one of two parts, ``no`` otherwise.
+that needs the same arm, and read through the toolkit's own analyses.  A finding is one or more *parts*, each a claim
+of the paper: its preconditions (if one fails the part is untestable), an effect with a 95% interval
+(:mod:`legointerp.stats`) and the decision of a :class:`~legointerp.stats.Rule` fixed here before the runs, whose text
+the row prints.  A row (JSON) holds every number its verdict and figure rest on, so a figure is redrawn from the row
+and the shipped logs alone.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ SCALES = {
                  seeds=tuple(range(6))),
     # the paper's task (n = 12, n_tr = 6) at a width one H100 trains fast: 512k sentences a run.  Sized from the
     # analytic cost, not measured (no GPU was at hand): 0.95 GFLOP a sentence (training_cost), so the whole table
-    # is ~25 PFLOP, ~5 minutes at 80 TFLOP/s (8% of the bf16 peak: small models are memory-bound; --jobs 2..4 share
+    # (9 arms x 6 seeds, the 2-layer shortcut arm's 4000 steps included) is ~30 PFLOP, ~6 minutes at 80 TFLOP/s (8% of the bf16 peak: small models are memory-bound; --jobs 2..4 share
     # the GPU), plus the analyses
     "gpu": Scale("gpu", n=12, n_tr=6, d_model=128, n_heads=4, n_layers=12, d_mlp=512, batch_size=512, steps=1000,
                  lr=5e-4, warmup=100, start_mimic_steps=200, mimic_steps=200, eval_every=100, eval_size=2000,
@@ -472,9 +472,14 @@ def r3(runs, scale):
         for run in runs[arm]:
             model, task, batch = _analysis_batch(run, scale)
             result = percolation(model, batch, task, seed=run.seed)  # with its random-init control
+            # a second, behavioural reading for a tied model: its own classifier after k iterations
+            # (row k: k iterations; none at row 0, as the probes' row 0 is the embedding)
+            truncated = (resolution_layers(np.array([[0.0] * scale.n] + [accuracy_by_position(unrolled(model, k), batch)
+                                                                         .tolist() for k in range(1, run.config.n_layers + 1)]),
+                                           result.threshold) if run.config.tied else None)
             models.append({"arm": arm, "seed": run.seed, "resolution": result.resolution_layer,
                            "control_resolution": resolution_layers(result.control, result.threshold),
-                           **_line(result.resolution_layer)})
+                           "truncated_resolution": truncated, **_line(result.resolution_layer)})
     family = {"ALBERT": ("albert", "albert-all"), "BERT": ("bert", "bert-all")}
     lines = {name: [m for m in models if m["arm"] in arms and m["resolved"] >= MIN_DEPTHS and m["r2"] is not None]
              for name, arms in family.items()}
@@ -687,7 +692,7 @@ def _effects_panel(figure: go.Figure, row: dict, column: int) -> None:
             continue
         scaled = [(effect[k] - p["null"]) / p["margin"] for k in ("estimate", "low", "high")]
         figure.add_trace(go.Scatter(x=[scaled[0]], y=[name], mode="markers+text", text=[p["decision"]],
-                                    textposition="top center", showlegend=False,
+                                    textposition="bottom center", showlegend=False,
                                     marker=dict(color=colour, size=11),
                                     error_x=dict(type="data", symmetric=False, array=[scaled[2] - scaled[0]],
                                                  arrayminus=[scaled[0] - scaled[1]], thickness=2),
@@ -753,7 +758,7 @@ def _heads_panel(figure: go.Figure, row: dict, column: int) -> None:
     if numbers["pretrained"]:
         bars.append(("MiniLM pre-trained", numbers["pretrained"]["pretrained"]))
         bars += [(f"random twin {i}", twin) for i, twin in enumerate(numbers["pretrained"]["random"])]
-    bars += [(f"{m['arm']} s{m['seed']}", m) for m in numbers["models"]]
+    bars += [(f"{m['arm']} s{m['seed']} (heads 2+)", m) for m in numbers["models"]]
     for kind in ("association", "manipulation"):
         figure.add_trace(go.Bar(x=[name for name, _ in bars], y=[counts[kind] for _, counts in bars], name=kind,
                                 marker_color=HEAD_COLOURS[kind], hovertemplate=f"%{{x}}: %{{y}} {kind}<extra></extra>"),
@@ -762,12 +767,18 @@ def _heads_panel(figure: go.Figure, row: dict, column: int) -> None:
 
 
 def _resolution_panel(figure: go.Figure, row: dict, column: int) -> None:
+    """Each model's resolution layer per depth (one legend entry per arm), and its untrained twin's dotted."""
+    shown = set()
     for m in row["numbers"]["models"]:
-        for key, dash, label in (("resolution", "solid", ""), ("control_resolution", "dot", " untrained")):
+        for key, dash, label in (("resolution", "solid", m["arm"]), ("control_resolution", "dot", "untrained twins")):
             layers = m[key]
-            figure.add_trace(go.Scatter(x=list(range(len(layers))), y=layers, mode="lines+markers",
-                                        name=f"{m['arm']} s{m['seed']}{label}", legendgroup=m["arm"] + label,
-                                        line=dict(color=ARM_COLOURS[m["arm"]], dash=dash)), row=1, col=column)
+            figure.add_trace(go.Scatter(x=list(range(len(layers))), y=layers, mode="lines+markers", name=label,
+                                        legendgroup=label, showlegend=label not in shown,
+                                        hovertemplate=f"{m['arm']} seed {m['seed']}{' untrained' if dash == 'dot' else ''}"
+                                                      ": depth %{x} at layer %{y}<extra></extra>",
+                                        line=dict(color="#999" if dash == "dot" else ARM_COLOURS[m["arm"]], dash=dash)),
+                             row=1, col=column)
+            shown.add(label)
     n = len(row["numbers"]["models"][0]["resolution"])
     figure.add_trace(go.Scatter(x=[0, n - 1], y=[0, n - 1], mode="lines", name="one step per layer",
                                 line=dict(color="#bbb", dash="dash")), row=1, col=column)
@@ -786,7 +797,8 @@ def finding_figure(row: dict, logs: dict[str, list[dict]]) -> go.Figure:
     log rows of its first seed."""
     finding = FINDINGS[row["finding"]]
     panels = [("effects", None)] + ([("accuracy", None)] if finding.compare else [])
-    panels += [(kind, None) for kind in ("sweep", "heads") if kind in row["numbers"]]
+    panels += [("sweep", None)] if "sweep" in row["numbers"] else []
+    panels += [("heads", None)] if "pretrained" in row["numbers"] else []
     panels += [("resolution", None)] if row["finding"] == "R3" else []
     panels += [("curves", arm) for arm in finding.curves]
     figure = make_subplots(1, len(panels), subplot_titles=[PANEL_TITLES.get(kind, f"training curves: {arm}, seed 0")
@@ -806,7 +818,7 @@ def finding_figure(row: dict, logs: dict[str, list[dict]]) -> go.Figure:
             _curves_panel(figure, row, logs, arm, column, legend=arm == finding.curves[0])
     figure.update_layout(title=f"{row['finding']}: {row['title']} ({row['scale']['name']} scale) — {row['verdict']}",
                          template="plotly_white", height=440, width=430 * len(panels) + 220,
-                         barmode="stack" if "heads" in row["numbers"] else "group", legend=dict(font_size=10))
+                         barmode="group", legend=dict(font_size=10))
     return figure
 
 

@@ -100,7 +100,8 @@ def test_effects_and_decisions_recompute(row):
         if "values" in part:  # an extrapolation comparison: arm A minus arm B over the runs that fit
             better, worse = list(part["values"])
             values = {arm: _fitted_means(row, arm, part["positions"]) for arm in (better, worse)}
-            assert values == pytest.approx(part["values"])
+            for arm in (better, worse):
+                assert values[arm] == pytest.approx(part["values"][arm], abs=1e-12)
             enough = all(len(v) >= 4 for v in values.values())
             assert part["conditions"][0]["held"] == enough
             _check(part, _welch(values[better], values[worse]) if enough else None)
