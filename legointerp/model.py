@@ -476,12 +476,16 @@ class LegoTransformer(HookedRootModule):
 
     def forward(self, tokens: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
-                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits") -> torch.Tensor | None:
+                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits",
+                padded: bool | None = None) -> torch.Tensor | None:
         """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
         ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
         ``[PAD]`` positions of ``tokens`` (or ``source_tokens``) are masked, as ``to_tokens`` pads mixed lengths.
+        ``padded``: whether any token is padding, where the caller knows it without reading the device (training
+        does, from its CPU batch); None asks the mask, which is free on the CPU, and on an accelerator, where asking
+        would make the host wait for the device every forward, applies it (the masked kernel is cheaper than the wait).
         Returns, as TransformerLens's ``return_type``: "logits" (B, P, d_vocab_out), "loss" (the mean cross-entropy
         of every clause's answer, the training loss), "both" (logits, loss) or None."""
         if return_type not in RETURN_TYPES:
@@ -492,13 +496,11 @@ class LegoTransformer(HookedRootModule):
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         ids = tokens if start_at_layer is None else source_tokens
-        if attention_mask is None and ids is not None:
+        if attention_mask is None and ids is not None and padded is not False:
             attention_mask = ids != PAD
-            # on an accelerator, asking whether any token is padding would sync every step: the masked kernel is cheaper
-            unpadded = attention_mask.device.type == "cpu" and bool(attention_mask.all())
-        else:
-            unpadded = attention_mask is None or bool(attention_mask.all())
-        key_mask = None if unpadded else attention_mask[:, None, None, :]
+        if padded is None:
+            padded = attention_mask is not None and (attention_mask.device.type != "cpu" or not bool(attention_mask.all()))
+        key_mask = attention_mask[:, None, None, :] if padded and attention_mask is not None else None
         if start_at_layer is None:
             source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)

@@ -24,7 +24,7 @@ from legointerp.evaluate import clause_logits
 from legointerp.files import OutputLock
 from legointerp.model import ConfigError, LegoTransformer
 from legointerp.task import LegoBatch, LegoTask, TaskConfig
-from legointerp.train import (PRESETS, Interrupted, TrainConfig, Trainer, cpu_state_dict, depth_generator,
+from legointerp.train import (CURRICULUM_EVERY, PRESETS, Interrupted, TrainConfig, Trainer, cpu_state_dict, depth_generator,
                               learning_rate, log_path, official_mimicking_loss, read_log, train, training_cost)
 from tests.conftest import small_model
 
@@ -188,9 +188,11 @@ def test_ctrl_c_with_json_keeps_stdout_one_document(tmp_path, monkeypatch, capsy
 def test_curriculum_grows_only_when_training_sentences_are_solved(tmp_path):
     always = Trainer(TINY, tmp_path / "a.pt", progress=False)
     never = Trainer(replace(TINY, curriculum_threshold=1.0), tmp_path / "b.pt", progress=False)
-    for _ in range(3):
+    for step in range(1, 3 * CURRICULUM_EVERY):
         always.train_step(), never.train_step()
-    assert always.longest == 4 and never.longest == TINY.curriculum_start == 2
+        # a decision every CURRICULUM_EVERY steps, one clause at a time, up to n
+        assert always.longest == min(TINY.n, TINY.curriculum_start + step // CURRICULUM_EVERY)
+    assert never.longest == TINY.curriculum_start == 2
     assert read_log(tmp_path / "a.pt", missing_ok=True) == []
 
 
