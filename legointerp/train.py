@@ -201,6 +201,13 @@ def snapshot_steps(config: TrainConfig) -> list[int]:
     return sorted({int(step) for step in chosen} | {config.steps})
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run what was queued on it (nothing to wait for on the CPU), so that a clock read
+    next measures the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % (2**63))
 
@@ -339,7 +346,7 @@ class Trainer:
     evaluates, logs and saves, and every rank raises the same error if ``out`` is refused."""
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True,
-                 command: str | None = None, force: bool = False, compile: bool = False):
+                 command: str | None = None, force: bool = False, compile: bool | None = None):
         self.config, self.out, self.progress = config, Path(out), progress
         self.device = resolve_device(config.device)
         self.owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
@@ -375,7 +382,12 @@ class Trainer:
         if resume:
             self._resume()
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None)
-        self.forward = torch.compile(self.ddp or self.model) if compile else (self.ddp or self.model)
+        self.forward = self.ddp or self.model
+        if self.device.type == "cuda" if compile is None else compile:
+            # each block on its own: one graph serves every block of every depth (stochastic depth, a tied model's
+            # repeats), where compiling the model would trace one graph per depth, past dynamo's limit of 8
+            for block in self.model.blocks:
+                block.compile()
         self.test = test_batch(self.task, config.eval_size, seed=config.seed + 7919)
 
     def _on_every_rank(self, claim):
@@ -454,7 +466,9 @@ class Trainer:
         # DDP cannot see (find_unused_parameters walks the graph from the logits, which use them), so those steps
         # average the gradients that exist by hand and leave the others None, as one process does
         by_hand = self.ddp is not None and hooks and config.mimic == "official"
-        with self.ddp.no_sync() if by_hand else contextlib.nullcontext(), self.model.hooks(fwd_hooks=hooks), \
+        # the mimicking steps' hooks, closures new every step, would recompile the blocks every step: they run eager
+        with torch.compiler.set_stance("force_eager") if hooks else contextlib.nullcontext(), \
+                self.ddp.no_sync() if by_hand else contextlib.nullcontext(), self.model.hooks(fwd_hooks=hooks), \
                 torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext():
             out = self.forward(batch.tokens, n_layers=depth, padded=padded)
             logits = clause_logits(out, batch).float()
@@ -602,6 +616,9 @@ class Trainer:
                 while self.step < config.steps and not (stop := self._agreed_stop(requests.signum)):
                     started = time.perf_counter()
                     loss = self.train_step()
+                    if (self.step % config.eval_every == 0 or self.step % config.save_every == 0
+                            or self.step in self.snapshot_plan or self.step == config.steps):
+                        synchronize(self.device)  # the elapsed_s it records: compute time, not launch time
                     self.elapsed += time.perf_counter() - started
                     bar.update(1)
                     if self.step % config.eval_every == 0 or self.step == config.steps:
