@@ -143,7 +143,8 @@ def _add_train(sub) -> None:
     parser.add_argument("--out", type=output_file, default="model.pt", help="checkpoint path (default: model.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     parser.add_argument("--force", action="store_true", help="replace an existing --out (its log is kept until the first save)")
-    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (off by default)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each block through torch.compile (default: on CUDA, off on the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_format(parser)
     for f in fields(TrainConfig):

@@ -313,10 +313,22 @@ class Attention(nn.Module):
             return hook(t)
         return hook(self._merge(t, None, dim)).index_select(dim, self.learned)
 
-    def forward(self, x, key_mask, fixed_pattern=None, split=None):
+    def qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned heads' query and key maps and every head's value map side by side, so that one GEMM makes q, k
+        and v: W (D, (2 n_learned + H) E) and b ((2 n_learned + H) E,).  Under autocast they come in its dtype, cast
+        here once rather than by every product that reads them (a tied model's blocks share one pair per forward)."""
+        W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
+        b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
+        device = W.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            W, b = W.to(torch.get_autocast_dtype(device)), b.to(torch.get_autocast_dtype(device))
+        return W, b
+
+    def forward(self, x, key_mask, fixed_pattern=None, split=None, qkv=None):
         """x: (B, P, D); key_mask: (B, 1, 1, P) bool (True = attend) or None; fixed_pattern: (B, H_fixed, P, P) the
         hardcoded heads' attention, in head order (None when every head is learned); split: TransformerLens's
-        per-head inputs (q, k, v), each (B, P, H, D), which replace ``x`` (use_split_qkv_input / use_attn_in)."""
+        per-head inputs (q, k, v), each (B, P, H, D), which replace ``x`` (use_split_qkv_input / use_attn_in); qkv:
+        :meth:`qkv` already computed (None: computed here)."""
         H, E = self.cfg.n_heads, self.cfg.d_head
         n_learned = H - len(self.fixed)
         if split is not None:
@@ -324,9 +336,7 @@ class Attention(nn.Module):
                        for inputs, W, b, heads in zip(split, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V),
                                                       (self.learned, self.learned, slice(None))))
         else:
-            # one GEMM for the learned heads' q and k and every head's v: (D, (2 n_learned + H) E)
-            W = torch.cat([self.W_Q[self.learned], self.W_K[self.learned], self.W_V]).transpose(0, 1).flatten(1)
-            b = torch.cat([self.b_Q[self.learned], self.b_K[self.learned], self.b_V]).flatten()
+            W, b = qkv or self.qkv()
             q, k, v = affine(x, W, b).unflatten(-1, (-1, E)).split([n_learned, n_learned, H], dim=2)  # (B, P, heads, E)
         q, k = self._hook_learned(self.hook_q, q, 2), self._hook_learned(self.hook_k, k, 2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.hook_v(v).transpose(1, 2)
@@ -409,15 +419,15 @@ class Block(nn.Module):
             inputs = (self.hook_q_input(heads), self.hook_k_input(heads.clone()), self.hook_v_input(heads.clone()))
         return inputs if self.post else tuple(self.ln1(x) for x in inputs)
 
-    def forward(self, resid, key_mask, fixed_pattern=None):
+    def forward(self, resid, key_mask, fixed_pattern=None, qkv=None):
         resid = self.hook_resid_pre(resid)
         split = self._split_inputs(resid)
         if self.post:
-            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern, split))
+            attn_out = self.hook_attn_out(self.attn(resid, key_mask, fixed_pattern, split, qkv))
             resid = self.hook_resid_mid(self.ln1(self.hook_resid_mid_unnormalized(resid + attn_out)))
             return self.hook_resid_post(self.ln2(self.hook_resid_post_unnormalized(resid + self.hook_mlp_out(self.mlp(resid)))))
         attn_in = None if split is not None else self.ln1(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(attn_in, key_mask, fixed_pattern, split)))
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(attn_in, key_mask, fixed_pattern, split, qkv)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 
@@ -476,12 +486,16 @@ class LegoTransformer(HookedRootModule):
 
     def forward(self, tokens: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
-                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits") -> torch.Tensor | None:
+                source_tokens: torch.Tensor | None = None, return_type: str | None = "logits",
+                padded: bool | None = None) -> torch.Tensor | None:
         """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
         ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
         ``[PAD]`` positions of ``tokens`` (or ``source_tokens``) are masked, as ``to_tokens`` pads mixed lengths.
+        ``padded``: whether any token is padding, where the caller knows it without reading the device (training
+        does, from its CPU batch); None asks the mask, which is free on the CPU, and on an accelerator, where asking
+        would make the host wait for the device every forward, applies it (the masked kernel is cheaper than the wait).
         Returns, as TransformerLens's ``return_type``: "logits" (B, P, d_vocab_out), "loss" (the mean cross-entropy
         of every clause's answer, the training loss), "both" (logits, loss) or None."""
         if return_type not in RETURN_TYPES:
@@ -492,13 +506,11 @@ class LegoTransformer(HookedRootModule):
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
         ids = tokens if start_at_layer is None else source_tokens
-        if attention_mask is None and ids is not None:
+        if attention_mask is None and ids is not None and padded is not False:
             attention_mask = ids != PAD
-            # on an accelerator, asking whether any token is padding would sync every step: the masked kernel is cheaper
-            unpadded = attention_mask.device.type == "cpu" and bool(attention_mask.all())
-        else:
-            unpadded = attention_mask is None or bool(attention_mask.all())
-        key_mask = None if unpadded else attention_mask[:, None, None, :]
+        if padded is None:
+            padded = attention_mask is not None and (attention_mask.device.type != "cpu" or not bool(attention_mask.all()))
+        key_mask = attention_mask[:, None, None, :] if padded and attention_mask is not None else None
         if start_at_layer is None:
             source_tokens = tokens
             embed = self.hook_embed(F.embedding(tokens, self.embed.W_E))  # (B, P, D)
@@ -511,8 +523,9 @@ class LegoTransformer(HookedRootModule):
         else:
             resid = tokens
         fixed_pattern = self.fixed_patterns(source_tokens)
+        qkv = self.blocks[0].attn.qkv() if self.cfg.tied else None  # the same weights in every layer: gathered once
         for block in self.blocks[start_at_layer or 0: n_layers or self.cfg.n_layers]:
-            resid = block(resid, key_mask, fixed_pattern)
+            resid = block(resid, key_mask, fixed_pattern, qkv)
         if self.cfg.norm == "pre":
             resid = self.ln_final(resid)
         logits = affine(resid, self.unembed.W_U, self.unembed.b_U)

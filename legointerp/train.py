@@ -202,6 +202,13 @@ def snapshot_steps(config: TrainConfig) -> list[int]:
     return sorted({int(step) for step in chosen} | {config.steps})
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run what was queued on it (nothing to wait for on the CPU), so that a clock read
+    next measures the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % (2**63))
 
@@ -258,9 +265,10 @@ def official_mimicking_loss(patterns: list[torch.Tensor], tokens: torch.Tensor) 
     real = tokens != PAD
     position = torch.arange(T, device=tokens.device)
     offset = position[None, :] - position[:, None]  # (T, T) key - query
-    band = torch.tensor(OFFICIAL_BAND, device=tokens.device)[(offset + 2).clamp(0, 4)] * (offset.abs() <= 2)
+    band = torch.tensor(OFFICIAL_BAND).to(tokens.device)[(offset + 2).clamp(0, 4)] * (offset.abs() <= 2)
     same = (tokens[:, :, None] == tokens[:, None, :]) & ~torch.eye(T, dtype=torch.bool, device=tokens.device)
     keys = real[:, None, :].expand(B, T, T)
+    queries = real.sum()  # the KL's mean over real queries, by a sum: boolean indexing would make the host wait
 
     def smoothed(pattern: torch.Tensor) -> torch.Tensor:
         """(B, T, T) distribution over real keys; 1 at padded keys, where 1 log 1 adds nothing to the KL, and no NaN
@@ -272,11 +280,12 @@ def official_mimicking_loss(patterns: list[torch.Tensor], tokens: torch.Tensor) 
     for head, target in enumerate([smoothed(band.expand(B, T, T)), smoothed(same.float())]):
         for pattern in patterns:
             p = smoothed(pattern[:, head])
-            total = total + (p * (p.log() - target.log())).sum(-1)[real].mean()
+            total = total + torch.where(real, (p * (p.log() - target.log())).sum(-1), 0.0).sum() / queries
     return total
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CURRICULUM_EVERY = 8  # steps between the curriculum's decisions (a running rate needs >= 77 steps to pass 0.98)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -346,7 +355,7 @@ class Trainer:
     evaluates, logs and saves, and every rank raises the same error if ``out`` is refused."""
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True,
-                 command: str | None = None, force: bool = False, compile: bool = False):
+                 command: str | None = None, force: bool = False, compile: bool | None = None):
         self.config, self.out, self.progress = config, Path(out), progress
         self.device = resolve_device(config.device)
         self.owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
@@ -372,7 +381,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step, self.elapsed, self.saved_step = 0, 0.0, None
         self.longest = config.curriculum_start if config.curriculum else config.n
-        self.solved_rate = 0.0  # running mean of training sentences fully solved, drives the curriculum
+        # running mean of training sentences fully solved, which drives the curriculum: () on the device, read by the
+        # host only every CURRICULUM_EVERY steps
+        self.solved_rate = torch.zeros((), device=self.device)
         self.rows: list[dict] = []  # the log, also kept in the checkpoint: the file is rebuilt from it on resume
         self.provenance = {"command": command or " ".join(sys.argv), "seed": config.seed, "torch": str(torch.__version__)}
         self.snapshot_plan = snapshot_steps(config)
@@ -380,7 +391,12 @@ class Trainer:
         if resume:
             self._resume()
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None)
-        self.forward = torch.compile(self.ddp or self.model) if compile else (self.ddp or self.model)
+        self.forward = self.ddp or self.model
+        if self.device.type == "cuda" if compile is None else compile:
+            # each block on its own: one graph serves every block of every depth (stochastic depth, a tied model's
+            # repeats), where compiling the model would trace one graph per depth, past dynamo's limit of 8
+            for block in self.model.blocks:
+                block.compile()
         self.test = test_batch(self.task, config.eval_size, seed=config.seed + 7919)
 
     def _on_every_rank(self, claim):
@@ -420,7 +436,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed = state["step"], state["elapsed"]
-        self.longest, self.solved_rate = state["longest"], state["solved_rate"]
+        self.longest, self.solved_rate = state["longest"], torch.tensor(state["solved_rate"]).to(self.device)
         self.saved_step = self.step
         # rows logged after the last save (a killed run) are dropped: the resumed run logs those steps again
         self.rows = state.get("log") or [row for row in read_log(self.out, missing_ok=True) if row["step"] <= self.step]
@@ -464,9 +480,11 @@ class Trainer:
         # DDP cannot see (find_unused_parameters walks the graph from the logits, which use them), so those steps
         # average the gradients that exist by hand and leave the others None, as one process does
         by_hand = self.ddp is not None and hooks and config.mimic == "official"
-        with self.ddp.no_sync() if by_hand else contextlib.nullcontext(), self.model.hooks(fwd_hooks=hooks), \
-                torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.forward(batch.tokens, batch.attention_mask if padded else None, depth)
+        # the mimicking steps' hooks, closures new every step, would recompile the blocks every step: they run eager
+        with torch.compiler.set_stance("force_eager") if hooks else contextlib.nullcontext(), \
+                self.ddp.no_sync() if by_hand else contextlib.nullcontext(), self.model.hooks(fwd_hooks=hooks), \
+                torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext():
+            out = self.forward(batch.tokens, n_layers=depth, padded=padded)
             logits = clause_logits(out, batch).float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch.values, reduction="none")
             loss = (nll * supervised.float()).sum() / (max(float(count), 1.0) / self.world)
@@ -484,23 +502,25 @@ class Trainer:
                 g.copy_(averaged)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        if config.curriculum:
+        if config.curriculum and self.longest < config.n:
             self._advance_curriculum(((logits.argmax(-1) == batch.values) | ~supervised).all(1))
         self.step += 1  # last, so that every field of the state describes the same step
         return loss.detach()
 
     def _advance_curriculum(self, solved: torch.Tensor) -> None:
-        """Admit chains one clause longer once the running rate of solved training sentences passes the threshold.
-        With DDP the rate is averaged over processes so that every rank grows the same curriculum.  The next
-        batch's shape depends on it, so this is the one per-step wait for the GPU, and only with --curriculum."""
+        """Update the running rate of solved training sentences (on the device; with DDP averaged over processes, so
+        that every rank grows the same curriculum) and, every ``CURRICULUM_EVERY`` steps, admit chains one clause
+        longer if it passed the threshold.  The next batch's shape depends on that decision, so reading the rate is
+        a wait for the device: the only one of the loop, once every ``CURRICULUM_EVERY`` steps while the curriculum
+        grows, where every step would leave the device idle at each launch.  solved: (B,) bool."""
         rate = solved.float().mean()
         if self.world > 1:
             dist.all_reduce(rate)
             rate /= self.world
-        self.solved_rate = 0.95 * self.solved_rate + 0.05 * float(rate)
-        if self.solved_rate >= self.config.curriculum_threshold and self.longest < self.config.n:
+        self.solved_rate = 0.95 * self.solved_rate + 0.05 * rate
+        if (self.step + 1) % CURRICULUM_EVERY == 0 and float(self.solved_rate) >= self.config.curriculum_threshold:
             self.longest += 1
-            self.solved_rate = 0.0
+            self.solved_rate = torch.zeros_like(self.solved_rate)
 
     def _agreed_stop(self, signum: int) -> int:
         """The stop request of any rank (0: none), so that all ranks stop at the same step boundary."""
@@ -517,7 +537,7 @@ class Trainer:
         return Checkpoint(model_config=self.model.cfg, task_config=self.task.config,
                           state_dict=cpu_state_dict(self.model.state_dict()), train_config=self.config.to_dict(),
                           train_state={"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                                       "longest": self.longest, "solved_rate": self.solved_rate,
+                                       "longest": self.longest, "solved_rate": float(self.solved_rate),
                                        "world_size": self.world, "log": self.rows,
                                        "snapshot_plan": self.snapshot_plan, "snapshots": self.snapshot_rows},
                           accuracy=accuracy, provenance=self.provenance)
@@ -610,6 +630,9 @@ class Trainer:
                 while self.step < config.steps and not (stop := self._agreed_stop(requests.signum)):
                     started = time.perf_counter()
                     loss = self.train_step()
+                    if (self.step % config.eval_every == 0 or self.step % config.save_every == 0
+                            or self.step in self.snapshot_plan or self.step == config.steps):
+                        synchronize(self.device)  # the elapsed_s it records: compute time, not launch time
                     self.elapsed += time.perf_counter() - started
                     bar.update(1)
                     if self.step % config.eval_every == 0 or self.step == config.steps:

@@ -12,8 +12,8 @@ CPU tensor, and a ``TorchDispatchMode`` sees every operation:
   copies (``.to``, ``copy_``);
 - a factory given ``device=EMULATED`` makes a device tensor; a CPU generator drawing device values raises, as on CUDA;
 - ``.numpy()`` of a device tensor fails as CUDA's does (the wrapper has no CPU storage);
-- every read of a device value by the host (``item``/``bool``/``float``, a copy to the CPU, ``nonzero`` and the
-  boolean indexing that calls it) adds one to ``syncs``; every copy from the CPU to the device, one to ``uploads``.
+- every read of a device value by the host (``item``/``bool``/``float``, a copy to the CPU, ``nonzero`` and
+  boolean indexing, which calls it) adds one to ``syncs``; every copy from the CPU to the device, one to ``uploads``.
 
 Python (``model.to(device)``, ``x.to(device)``, ``torch.arange(n, device=x.device)``) cannot tell it from a real
 accelerator, so an analysis that passes here keeps every tensor on the model's device."""
@@ -102,6 +102,9 @@ class emulated_device(TorchDispatchMode):
             self.syncs += 1  # a copy to the host waits for the device
         elif func in SYNCING and on_device:
             self.syncs += 1
+        elif func in CPU_INDICES_ALLOWED and on_device and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.syncs += 1  # a boolean index is a nonzero(), whose result size the host reads
         elif func is aten._to_copy.default and made_on_device and not on_device:
             self.uploads += 1
         if on_device and on_cpu and func not in TRANSFERS:

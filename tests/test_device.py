@@ -168,3 +168,32 @@ def test_replicate_analyses_run_on_the_scale_device(cuda_is_emulated):
         model, _, batch = _analysis_batch(Run("albert", 0, scale.base(), [], bundled_path()), scale)
         assert next(model.parameters()).device == EMULATED and batch.tokens.device == EMULATED
         model.cpu()
+
+
+TRAINING = {"plain": dict(curriculum=False, min_length=None, mimic_steps=0),
+            "curriculum": dict(curriculum=True, min_length=1, mimic_steps=0, curriculum_threshold=1e-9),
+            "stochastic depth": dict(curriculum=False, min_length=1, mimic_steps=0, tied=True, min_depth=1),
+            "mimicking": dict(curriculum=False, min_length=None, mimic_steps=100),
+            "official mimicking": dict(curriculum=False, min_length=None, mimic_steps=100, mimic="official",
+                                       surface="official")}
+
+
+@pytest.mark.parametrize("variant", TRAINING)
+def test_a_training_step_never_waits_for_the_device(variant, tmp_path, monkeypatch, one_thread):
+    """The host runs ahead of the device: a step reads no device value (the curriculum reads its rate once every
+    CURRICULUM_EVERY steps), so an accelerator is never left idle waiting for the next launch."""
+    from legointerp import train as train_module
+    from legointerp.train import CURRICULUM_EVERY, TrainConfig, Trainer
+
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: EMULATED)
+    config = TrainConfig(n=4, d_model=16, n_heads=2, n_layers=3, d_mlp=32, batch_size=8, steps=100, warmup=2,
+                         eval_size=16, **TRAINING[variant])
+    steps = 2 * CURRICULUM_EVERY
+    with emulated_device() as device:
+        trainer = Trainer(config, tmp_path / "m.pt", progress=False)
+        assert next(trainer.model.parameters()).device == EMULATED
+        device.syncs = 0
+        for _ in range(steps):
+            trainer.train_step()
+        assert device.syncs == (steps // CURRICULUM_EVERY if config.curriculum else 0)
+        trainer.model.cpu()

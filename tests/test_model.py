@@ -7,7 +7,7 @@ from legointerp.errors import LegoInterpError
 from legointerp.evaluate import clause_logits, test_batch as fresh_sentences
 from legointerp.hooked import to_bridge
 from legointerp.hf import from_hf_state_dict, hf_model_config
-from legointerp.model import ConfigError, LegoTransformer, ModelConfig, affine, forward_flops
+from legointerp.model import Attention, ConfigError, LegoTransformer, ModelConfig, affine, forward_flops
 from legointerp.options import HardcodedHeads
 from legointerp.patterns import association_mask, broadcast_mask, manipulation_mask, row_normalised
 from legointerp.task import PAD, LegoTask, TaskConfig
@@ -23,6 +23,28 @@ def test_tied_model_shares_one_block_but_keeps_hook_points_per_layer(task):
     untied = small_model(task)
     assert sum(p.numel() for p in untied.parameters()) > sum(p.numel() for p in model.parameters())
     assert {f"blocks.{l}.attn.hook_pattern" for l in range(3)} <= set(model.hook_dict)
+
+
+@pytest.mark.parametrize("variant", [{}, {"norm": "post"}, {"hardcoded": ("association", None, None, None)}])
+def test_a_tied_model_gathers_its_qkv_weights_once_and_computes_what_its_untied_copy_does(task, variant, monkeypatch):
+    """The tied model forms its one block's q/k/v map once per forward, not per layer: logits and gradients equal
+    those of an untied model holding the same weights in every layer, which forms it per layer."""
+    tied = small_model(task, tied=True, variable_offset=task.variable_offset, **variant)
+    untied = small_model(task, variable_offset=task.variable_offset, **variant)
+    untied.load_state_dict(tied.state_dict())
+    batch = task.sample(6, torch.Generator().manual_seed(0), min_length=2)
+    gathered, qkv = [], Attention.qkv
+    monkeypatch.setattr(Attention, "qkv", lambda self: gathered.append(self) or qkv(self))
+    logits = [model(batch.tokens) for model in (tied, untied)]
+    assert len(gathered) == 1 + untied.cfg.n_layers
+    assert torch.allclose(*logits, atol=1e-6, rtol=0)
+    for model, out in zip((tied, untied), logits):
+        out.square().sum().backward()
+    for name, p in tied.blocks[0].named_parameters():
+        total = sum(block.get_parameter(name).grad for block in untied.blocks)
+        assert torch.allclose(p.grad, total, atol=1e-5, rtol=1e-5), name
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(tied(batch.tokens), untied(batch.tokens))
 
 
 def test_run_with_cache_uses_transformer_lens_names(task):

@@ -24,7 +24,7 @@ from legointerp.evaluate import clause_logits
 from legointerp.files import OutputLock
 from legointerp.model import ConfigError, LegoTransformer
 from legointerp.task import LegoBatch, LegoTask, TaskConfig
-from legointerp.train import (PRESETS, Interrupted, TrainConfig, Trainer, cpu_state_dict, depth_generator,
+from legointerp.train import (CURRICULUM_EVERY, PRESETS, Interrupted, TrainConfig, Trainer, cpu_state_dict, depth_generator,
                               learning_rate, log_path, official_mimicking_loss, read_log, train, training_cost)
 from tests.conftest import small_model
 
@@ -188,9 +188,11 @@ def test_ctrl_c_with_json_keeps_stdout_one_document(tmp_path, monkeypatch, capsy
 def test_curriculum_grows_only_when_training_sentences_are_solved(tmp_path):
     always = Trainer(TINY, tmp_path / "a.pt", progress=False)
     never = Trainer(replace(TINY, curriculum_threshold=1.0), tmp_path / "b.pt", progress=False)
-    for _ in range(3):
+    for step in range(1, 3 * CURRICULUM_EVERY):
         always.train_step(), never.train_step()
-    assert always.longest == 4 and never.longest == TINY.curriculum_start == 2
+        # a decision every CURRICULUM_EVERY steps, one clause at a time, up to n
+        assert always.longest == min(TINY.n, TINY.curriculum_start + step // CURRICULUM_EVERY)
+    assert never.longest == TINY.curriculum_start == 2
     assert read_log(tmp_path / "a.pt", missing_ok=True) == []
 
 
@@ -258,19 +260,56 @@ def test_training_cost_matches_torchs_flop_count_and_saved_tensors():
     assert 25e9 < bert.flops_per_sentence < 40e9 and bert.peak_bytes < 80e9  # fits an 80 GB GPU at batch 1000
 
 
-def test_compile_runs_the_model_through_torch_compile_with_the_same_result(tmp_path, monkeypatch):
+def test_compile_runs_each_block_through_torch_compile_with_the_same_result(tmp_path, monkeypatch):
     config = replace(TINY, steps=3, mimic_steps=0, curriculum=False, min_length=None)
     eager = train(config, tmp_path / "eager.pt", progress=False)
     compiled, compile_ = [], torch.compile
 
-    def aot_eager(model):  # the same tracing and autograd graph as inductor, without its slow CPU code generation
-        compiled.append(model)
-        return compile_(model, backend="aot_eager")
+    def aot_eager(forward):  # the same tracing and autograd graph as inductor, without its slow CPU code generation
+        compiled.append(forward.__self__)
+        return compile_(forward, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", aot_eager)
-    result = Trainer(config, tmp_path / "compiled.pt", compile=True, progress=False).fit()
-    assert len(compiled) == 1 and isinstance(compiled[0], LegoTransformer)
+    trainer = Trainer(config, tmp_path / "compiled.pt", compile=True, progress=False)
+    assert compiled == list(trainer.model.blocks)
+    result = trainer.fit()
     assert all(torch.equal(value, result.state_dict[key]) for key, value in eager.state_dict.items())
+    assert not Trainer(config, tmp_path / "cpu.pt", progress=False).model.blocks[0]._compiled_call_impl  # CPU: off
+
+
+def test_compiled_stochastic_depth_and_curriculum_stop_compiling_once_each_shape_kind_is_seen(tmp_path, monkeypatch):
+    """One graph serves every depth and every block: after the first steps (masked or not, then lengths made
+    dynamic) no step compiles again, whatever its depth or chain length, well inside dynamo's recompile limit;
+    the mimicking steps run eager rather than compile their hooks."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda forward: compile_(forward, backend=counter))
+    config = replace(TINY, n=5, n_layers=4, min_depth=1, tied=True, mimic_steps=2, steps=100)
+    trainer = Trainer(config, tmp_path / "m.pt", compile=True, progress=False)
+    depths, lengths = set(), set()
+    for _ in range(2 + CURRICULUM_EVERY):
+        trainer.train_step()
+    warm = counter.frame_count
+    while trainer.step < 2 + 3 * CURRICULUM_EVERY:
+        depths.add(trainer.model.sample_depth(depth_generator(config.seed, trainer.step)))
+        lengths.add(trainer.longest)
+        trainer.train_step()
+    assert counter.frame_count == warm < torch._dynamo.config.recompile_limit
+    assert depths == set(range(1, 5)) and len(lengths) > 2  # every depth, and chains that grew after the warm-up
+    torch._dynamo.reset()
+
+
+def test_the_clock_is_read_after_the_device_finishes_at_every_step_it_records(tmp_path, monkeypatch):
+    """elapsed_s is what logs, checkpoints and snapshots record: those steps wait for the device before reading the
+    clock (the others do not, which would leave it idle at every launch)."""
+    config = replace(TINY, steps=8, eval_every=3, save_every=4, snapshot_every=5, mimic_steps=0)
+    trainer = Trainer(config, tmp_path / "m.pt", progress=False)
+    waited = []
+    monkeypatch.setattr(train_module, "synchronize", lambda device: waited.append((trainer.step, device)))
+    trainer.fit()
+    assert waited == [(step, trainer.device) for step in (3, 4, 5, 6, 8)]
 
 
 def test_supervision_only_trains_the_chosen_positions(tmp_path):
