@@ -182,8 +182,8 @@ class Run:
 
 
 def _run_path(runs: Path, scale: Scale, arm: str, seed: int) -> Path:
-    """Arms with one config share one run (at the cpu scale ``albert`` already starts with mimicking, so it is
-    ``albert-mimic``): it is filed under the first such arm's name."""
+    """Arms with one config share one run (at the paper scale, where every arm starts from random init, ``bert`` is
+    ``bert-random``): it is filed under the first such arm's name."""
     config = arm_config(arm, scale, seed)
     canonical = next(name for name in ARMS if arm_config(name, scale, seed) == config)
     return runs / scale.name / f"{canonical}-seed{seed}.pt"
