@@ -494,7 +494,7 @@ class LegoTransformer(HookedRootModule):
     def forward(self, tokens: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
                 n_layers: int | None = None, start_at_layer: int | None = None,
                 source_tokens: torch.Tensor | None = None, return_type: str | None = "logits") -> torch.Tensor | None:
-        """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
+        """tokens: (B, P) or (P,) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
         ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
@@ -505,6 +505,8 @@ class LegoTransformer(HookedRootModule):
             raise LegoInterpError(f"return_type={return_type!r} is not one of {', '.join(map(str, RETURN_TYPES))}")
         if isinstance(tokens, (str, list)):
             tokens = self.to_tokens(tokens)
+        elif start_at_layer is None and tokens.ndim == 1:  # one unbatched sentence (P,), as TransformerLens takes it
+            tokens = tokens[None]
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")
