@@ -1,6 +1,8 @@
-"""One forward pass of the bundled model on a few sentences, with torch's default threads and with the one thread
-legointerp.threads picks for it: prints both times and their ratio (machine-dependent; run it on yours)."""
+"""One forward pass of the bundled model on a few sentences, with torch's default threads and with the threads
+legointerp.threads picks for it (the idle cores, by the load average now): prints both times and their ratio
+(machine-dependent; run it on yours)."""
 
+import os
 import time
 
 import torch
@@ -22,6 +24,7 @@ if __name__ == "__main__":
     default = torch.get_num_threads()
     model, task, _ = load_model()
     chosen = torch.get_num_threads()
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores: {chosen} thread(s) chosen")
     tokens = test_batch(task, 16).tokens
     times = {}
     for threads in (default, chosen):

@@ -202,7 +202,7 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Checkpoint:
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
                ) -> tuple[LegoTransformer, LegoTask, Checkpoint]:
     """The hooked model (eval mode), its task and the checkpoint record, from one file.  On the CPU, a small model
-    gets one thread (:mod:`legointerp.threads`; LEGOINTERP_THREADS or OMP_NUM_THREADS overrides it)."""
+    gets the idle cores, one under load (:mod:`legointerp.threads`; LEGOINTERP_THREADS or OMP_NUM_THREADS overrides it)."""
     checkpoint = load_checkpoint(path)
     set_threads_for(checkpoint.model_config, resolve_device(device))
     return checkpoint.build_model(device), checkpoint.build_task(), checkpoint

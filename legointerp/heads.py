@@ -421,6 +421,11 @@ def head_verdict(row) -> str:
     return f"inert: attends like {'a ' if attends in STEPS + ('previous token', 'next token') else ''}{attends}"
 
 
+HEAD_MAP_LINE = 12  # px per line of the head map's 9 px cell text
+HEAD_MAP_LEGEND_ENTRY = 22  # px per entry of its legend
+HEAD_MAP_MARGINS = (90, 60)  # px above (the title) and below (the head axis) the plot
+
+
 def head_map_figure(report: HeadReport) -> go.Figure:
     """Layer x head grid coloured by label (only the labels that occur; a flagged head's cell says "check"), the
     evidence behind each label and the ablation drops on hover."""
@@ -450,10 +455,15 @@ def head_map_figure(report: HeadReport) -> go.Figure:
     for name in present:
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
                                     marker=dict(size=12, symbol="square", color=COLOURS[name])))
+    # each row as tall as its cells' lines of 9 px text, and the plot as tall as the legend's entries, so a shallow
+    # model's cells and legend are not clipped
+    lines = max(text.count("<br>") + 1 for text in cells.flat)
+    plot_height = max(n_layers * (HEAD_MAP_LINE * lines + 10), HEAD_MAP_LEGEND_ENTRY * len(present))
     figure.update_layout(title=f"Attention heads by kind (label where lift >= {LABEL_THRESHOLD}; inert: writes or "
                                f"costs nothing)", template="plotly_white",
                          xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1, autorange="reversed"),
-                         height=160 + 34 * n_layers, width=460 + 90 * n_heads)
+                         margin=dict(t=HEAD_MAP_MARGINS[0], b=HEAD_MAP_MARGINS[1]),
+                         height=sum(HEAD_MAP_MARGINS) + plot_height, width=460 + 90 * n_heads)
     return figure
 
 

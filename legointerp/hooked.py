@@ -7,7 +7,8 @@ fixed patterns, identity terms or post-LN blocks; it refuses those) to a Transfo
 with equal logits, so the whole TL 4 toolset applies; a tied (ALBERT-like) model is unrolled to ``n_layers``
 blocks that all carry the shared weights.  Its tokenizer is a :class:`LegoTokenizer`, a Hugging Face
 ``PreTrainedTokenizer`` over the task's vocabulary, so ``bridge.to_tokens`` / ``to_str_tokens`` / ``to_string`` read
-and write LEGO sentences as ``model.to_tokens`` does.
+and write LEGO sentences as ``model.to_tokens`` does, and as the model it masks ``[PAD]`` unless handed an
+``attention_mask`` (:class:`LegoBridge`).
 
 Pitfalls of transformer-lens 4.3 this respects: the bridge starts in train mode (we call eval);
 ``enable_compatibility_mode()`` with its default weight processing changes raw logits when
@@ -85,6 +86,22 @@ class LegoTokenizer(PreTrainedTokenizer):
         return ()  # the vocabulary is the task's, saved with the checkpoint
 
 
+class LegoBridge(TransformerBridge):
+    """A ``TransformerBridge`` that masks ``[PAD]`` as :class:`LegoTransformer` does: given token ids and no
+    ``attention_mask``, its attention skips the padding ``to_tokens`` adds to mixed lengths (the bridge itself masks
+    only when handed a list of strings, and its attention is bidirectional, so real tokens would read the padding)."""
+
+    def forward(self, input, *args, **kwargs):
+        """As ``TransformerBridge.forward``; input: (B, P) or (P,) token ids, a sentence or sentences, or with
+        ``start_at_layer`` a (B, P, d_model) residual stream."""
+        if (kwargs.get("attention_mask") is None and len(args) < 5 and isinstance(input, torch.Tensor)
+                and not input.is_floating_point()):
+            padding = torch.atleast_2d(input) == PAD
+            if bool(padding.any()):
+                kwargs["attention_mask"] = (~padding).long()
+        return super().forward(input, *args, **kwargs)
+
+
 def bridge_state_dict(model: LegoTransformer) -> dict[str, torch.Tensor]:
     """Our TransformerLens-shaped parameters in the bridge's ``nn.Linear`` layout (out_features, in_features)."""
     cfg = model.cfg
@@ -136,4 +153,5 @@ def to_bridge(model: LegoTransformer) -> TransformerBridge:
     missing, unexpected = bridge.load_state_dict(bridge_state_dict(model), strict=False)
     if unexpected or any(not k.endswith(("IGNORE", "masked_bias")) for k in missing):
         raise RuntimeError(f"bridge layout changed: missing {missing}, unexpected {unexpected}")
+    bridge.__class__ = LegoBridge  # boot_native builds a plain TransformerBridge; LegoBridge adds no state
     return bridge.eval()

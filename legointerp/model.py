@@ -29,7 +29,9 @@ residual stream post-LN), ``QK = W_Q W_K^T + a I`` adds ``a <x_i, x_j> / sqrt(d_
 same token, by content), and ``OV = W_V W_O + b I`` adds ``b sum_j pattern_ij x_j`` to the head's output (copy the
 attended tokens forward).  That copy bypasses ``hook_z``: it passes ``blocks.{l}.attn.hook_identity_out``
 (B, P, H, D), one write per head, so ``attn_out = sum_h z_h W_O[h] + b_O + sum_h identity_out_h``; ``hook_result``
-includes it (each head's whole write).  Such a model always materialises its pattern (no fused kernel); the stacked
+includes it (each head's whole write).  A hook that changes a head's ``hook_z`` while nothing hooks
+``hook_identity_out`` is refused where that head's ``b`` is nonzero (TransformerLens's head-output patching writes z
+alone, which would leave the copy unpatched).  Such a model always materialises its pattern (no fused kernel); the stacked
 ``model.QK`` / ``model.OV`` include the identity terms exactly, ``model.a_I`` / ``model.b_I`` are (n_layers, H).
 A hardcoded head keeps its fixed pattern (its ``a`` is unused) and still has its ``b``.
 
@@ -83,12 +85,13 @@ class ConfigError(LegoInterpError):
     """An impossible model or training configuration."""
 
 
-def require_writes_at_z(cfg, analysis: str) -> None:
+def require_writes_at_z(cfg, analysis: str,
+                        fix: str = "use the head classifier's ablations or residual-stream patching") -> None:
     """Refuse ``analysis`` where a head's write is not all at ``hook_z``: +aI/+bI attention also writes through
     ``hook_identity_out``."""
     if getattr(cfg, "identity_attention", False):
         raise ConfigError(f"{analysis} reads each head's write at hook_z, but this model's +bI attention also writes "
-                          "through hook_identity_out: use the head classifier's ablations or residual-stream patching")
+                          f"through hook_identity_out: {fix}")
 
 
 def require_pre_ln(cfg, analysis: str) -> None:
@@ -358,13 +361,27 @@ class Attention(nn.Module):
             z = self._merge(z, fixed_pattern.to(v.dtype) @ v[:, self.fixed], 1)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        z = self.hook_z(z.transpose(1, 2))  # (B, P, H, E)
+        z = self._hook_z(z.transpose(1, 2))  # (B, P, H, E)
         copied = self._copied(pattern, x) if identity else None
         if self.cfg.use_attn_result:
             result = torch.einsum("bphe,hed->bphd", z, self.W_O)
             return self.hook_result(result if copied is None else result + copied).sum(-2) + self.b_O
         out = affine(z.flatten(2), self.W_O.flatten(0, 1), self.b_O)
         return out if copied is None else out + (copied.sum(-2) if copied.ndim == 4 else copied)
+
+    def _hook_z(self, z: torch.Tensor) -> torch.Tensor:
+        """``hook_z`` on z (B, P, H, E), refused where its hooks change a head whose +bI copy then stays unpatched
+        (TransformerLens's head-output patching writes hook_z alone): a hook on ``hook_identity_out`` says the copy
+        is taken care of."""
+        if not (self.cfg.identity_attention and self.hook_z.fwd_hooks) or self.hook_identity_out.fwd_hooks:
+            return self.hook_z(z)
+        hooked = self.hook_z(z.clone())  # a clone, as hooks (TransformerLens's patch setters) may write in place
+        changed = (hooked != z).any(-1).any(1).any(0)  # (H,)
+        if bool((changed & (self.b_I != 0)).any()):
+            require_writes_at_z(self.cfg, f"a hook changing {self.hook_z.name} (as TransformerLens's head-output "
+                                "patching does)", f"patch {self.hook_identity_out.name} as well, or patch "
+                                "hook_resid_pre / hook_pattern instead")
+        return hooked
 
     def _copied(self, pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The +bI path, ``b_h sum_j pattern_hij x_j``: (B, P, H, D) per head through ``hook_identity_out`` when it is
@@ -488,7 +505,7 @@ class LegoTransformer(HookedRootModule):
                 n_layers: int | None = None, start_at_layer: int | None = None,
                 source_tokens: torch.Tensor | None = None, return_type: str | None = "logits",
                 padded: bool | None = None) -> torch.Tensor | None:
-        """tokens: (B, P) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
+        """tokens: (B, P) or (P,) long, or sentences (``to_tokens``); attention_mask: (B, P) bool, False at padding; n_layers: depth to run
         (defaults to all; stochastic-depth training passes a sampled one); start_at_layer: as in TransformerLens,
         ``tokens`` is then the residual stream (B, P, d_model) entering that block, and ``source_tokens`` (B, P) the
         ids it came from, which a model with hardcoded heads needs for their patterns.  Without ``attention_mask`` the
@@ -502,6 +519,8 @@ class LegoTransformer(HookedRootModule):
             raise LegoInterpError(f"return_type={return_type!r} is not one of {', '.join(map(str, RETURN_TYPES))}")
         if isinstance(tokens, (str, list)):
             tokens = self.to_tokens(tokens)
+        elif start_at_layer is None and tokens.ndim == 1:  # one unbatched sentence (P,), as TransformerLens takes it
+            tokens = tokens[None]
         P = tokens.shape[1]
         if P > self.cfg.n_ctx:
             raise ConfigError(f"input has {P} tokens but the model reads at most n_ctx={self.cfg.n_ctx}")

@@ -31,6 +31,7 @@ from legointerp.model import require_writes_at_z
 from legointerp.task import CLAUSE_LEN, LegoBatch, LegoError, LegoTask
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, C) -> scalar
+ESTIMATE_CLIP = 2.0  # the estimate's colours stop at this many times the largest exact effect
 
 
 @dataclass
@@ -346,19 +347,36 @@ def patch(model, batch: LegoBatch, task: LegoTask, corruption: str = "sign", dep
                           attribution_steps=attribution_steps, corrupted_score=corrupted_score)
 
 
+def estimate_colour_range(result: PatchingResult) -> tuple[float, int]:
+    """The estimate's colour range ``(bound, cells beyond it)``: its own largest magnitude (it can be far smaller than
+    the exact scores), clipped at ``ESTIMATE_CLIP`` times the largest exact effect, beyond which a gradient has
+    blown up (a hand-set model's saturated units: one cell at 4e4 left every other cell blank)."""
+    estimate = result.attribution_resid.abs()
+    exact = float((result.resid_pre - result.corrupted_score).abs().max())
+    bound = float(estimate.max())
+    if exact > 0:
+        bound = min(bound, ESTIMATE_CLIP * exact)
+    return bound, int((estimate > bound).sum())
+
+
 def patching_figure(result: PatchingResult) -> go.Figure:
     """Exact residual patching (layer x position, tokens of the template sentence on the axis) over its attribution
-    estimate, each on its own colour scale (the estimate can be far smaller than the exact scores)."""
+    estimate, each on its own colour scale (:func:`estimate_colour_range`)."""
     method = ("attribution patching" if result.attribution_steps == 1
               else f"integrated gradients, {result.attribution_steps} steps")
     measured = result.agreements.iloc[0]
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+    bound, beyond = estimate_colour_range(result)
+    clipped = (f"<br>colours clipped at ±{bound:.3g}: {beyond} cells beyond (largest magnitude "
+               f"{float(result.attribution_resid.abs().max()):.3g})" if beyond else "")
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.13 if beyond else 0.1,
                            subplot_titles=["exact patching of resid_pre (1 = clean answers restored)",
                                            f"gradient estimate ({method}) of exact minus corrupted<br>Pearson r = "
-                                           f"{measured.pearson:.2f}, Spearman rho = {measured.spearman:.2f} with exact"])
+                                           f"{measured.pearson:.2f}, Spearman rho = {measured.spearman:.2f} with exact"
+                                           + clipped])
     figure.update_annotations(font_size=12)  # so that a two-line title fits write_image's default 700 px
     for row, matrix in enumerate([result.resid_pre, result.attribution_resid], start=1):
-        figure.add_trace(go.Heatmap(z=matrix.numpy(), x=result.positions, colorscale="RdBu", zmid=0,
+        scale = dict(zmid=0) if row == 1 or bound == 0 else dict(zmin=-bound, zmax=bound)
+        figure.add_trace(go.Heatmap(z=matrix.numpy(), x=result.positions, colorscale="RdBu", **scale,
                                     colorbar=dict(len=0.45, y=0.78 if row == 1 else 0.22),
                                     hovertemplate="%{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"), row=row, col=1)
     figure.update_yaxes(title="layer", autorange="reversed", dtick=1)

@@ -33,6 +33,7 @@ from legointerp.task import LegoBatch, LegoTask
 from legointerp.timeline import Timeline
 from legointerp.train import TrainConfig
 
+WIDE_TEXT = 40  # characters: a table column with longer text is given a minimum width
 TABLE_ROWS = 8  # the page shows the strongest rows; the sub-commands' --format csv give the full tables
 VIEW_KINDS = ("association", "manipulation", "chain step")
 ANALYSIS_STEPS = 6  # progress ticks of analyse: accuracy, heads, probes, patching, shortcut, attention views
@@ -42,7 +43,7 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; } div.table { overflow-x: auto; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; } th { background: #f6f6f6; }
-td.num, th.num { text-align: right; white-space: nowrap; }
+td.num, th.num { text-align: right; white-space: nowrap; } td.wide { min-width: 20em; }
 dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; color: #444; font-size: 0.92em; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
 nav { font-size: 0.9em; margin: 1em 0; display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; }
@@ -130,8 +131,9 @@ def cell(value) -> str:
 
 def frame_html(frame: pd.DataFrame) -> str:
     """The frame as a table, numbers right-aligned, that scrolls sideways rather than widen the page."""
-    align = ["num" if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c]) else ""
-             for c in frame.columns]
+    # a column of sentences keeps a readable width (the table scrolls) rather than wrap a word a line
+    align = ["num" if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+             else "wide" if frame[c].astype(str).str.len().max() > WIDE_TEXT else "" for c in frame.columns]
 
     def row(cells, tag: str) -> str:
         return "<tr>" + "".join(f"<{tag} class='{a}'>{html.escape(str(v))}</{tag}>" for v, a in zip(cells, align)) + "</tr>"
@@ -220,7 +222,7 @@ def model_report(*, name: str, checkpoint: Checkpoint, log: list[dict], analyses
     viewed = ", ".join(f"L{layer}H{head} (strongest {kind})" for kind, (layer, head) in views.heads.items())
     counting = heads.to_frame().query("label == 'operators'")
     counters = ("Heads labelled operators (attending to the other clauses' signs, as a counter does): "
-                + ", ".join(f"L{r['layer']}H{r['head']} at the {r['role']} (lift {r['lift']:.2f})" for _, r in counting.iterrows())
+                + ", ".join(f"L{r['layer']}H{r['head']} at the {r['role']} (lift {r['lift']:.2f})" for _, r in counting.iterrows()) + "."
                 if len(counting) else "No head is labelled operators (attending to the other clauses' signs).")
     sections = [
         Section("Accuracy per chain position",

@@ -356,13 +356,26 @@ def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] 
     rows.append(("patching", None if last_score is None else last_score < THROUGH_CHAIN, last_score,
                  float(np.mean(middle_scores)) if middle_scores else None,
                  f"answer restored through the chain's own tokens after flipping the operator at depth {flip_depth} "
-                 f"(1 = via the chain, 0 = read directly; shortcut below {THROUGH_CHAIN})"))
+                 f"(1 = via the chain, 0 = read directly; shortcut below {THROUGH_CHAIN})"
+                 + ("" if last_score is not None else f"; abstains: the flip moves the last answer's logit difference "
+                    f"by less than {SEPARABLE}, so there is nothing to restore")))
 
     evidence = pd.DataFrame(rows, columns=["evidence", "shortcut", "last", "middle", "reading"])
     learned = last_accuracy >= level
     return ShortcutResult(verdict=_verdict(evidence["shortcut"].tolist(), learned), evidence=evidence, middle=middle,
                           last_accuracy=last_accuracy, learned_at=learned_at, resolution_layer=resolution,
                           attention=attention, counterfactual=shares, flip_depth=flip_depth, through_chain=scores)
+
+
+def _missing(values: list, word: str) -> list[str]:
+    """A bar label per value: ``word`` where it is None (no bar to see), else nothing."""
+    return [word if v is None else "" for v in values]
+
+
+def _unavailable(figure: go.Figure, why: str, row: int, col: int) -> None:
+    """Say in the middle of an empty subplot why it has no data."""
+    figure.add_annotation(text=why, x=0.5, y=0.5, xref="x domain", yref="y domain", showarrow=False,
+                          font=dict(size=12, color="#666"), row=row, col=col)
 
 
 def shortcut_figure(result: ShortcutResult) -> go.Figure:
@@ -378,14 +391,18 @@ def shortcut_figure(result: ShortcutResult) -> go.Figure:
     positions = [f"#{k}" for k in range(n)]
     if result.counterfactual is not None:
         figure.add_trace(go.Bar(x=["the count", "the chain"], y=[result.counterfactual["count"], result.counterfactual["chain"]],
-                                marker_color=["#e45756", "#4c78a8"], showlegend=False,
-                                hovertemplate="%{x}: %{y:.2f}<extra></extra>"), row=1, col=1)
+                                marker_color=["#e45756", "#4c78a8"], showlegend=False, texttemplate="%{y:.2f}",
+                                textposition="outside", hovertemplate="%{x}: %{y:.2f}<extra></extra>"), row=1, col=1)
+    else:
+        _unavailable(figure, "not applicable:<br>the group is not abelian", row=1, col=1)
     if result.learned_at is not None:
-        never = [v is None for v in result.learned_at]
         figure.add_trace(go.Bar(x=positions, y=result.learned_at, marker_color=colour, showlegend=False,
-                                text=["never" if v else "" for v in never], textposition="outside",
+                                text=_missing(result.learned_at, "never"), textposition="outside",
                                 hovertemplate="%{x}: %{y:,} sentences<extra></extra>"), row=1, col=2)
+    else:
+        _unavailable(figure, "no training log", row=1, col=2)
     figure.add_trace(go.Bar(x=positions, y=result.resolution_layer, marker_color=colour, showlegend=False,
+                            text=_missing(result.resolution_layer, "never"), textposition="outside",
                             hovertemplate="depth %{x}: layer %{y}<extra></extra>"), row=1, col=3)
     per_layer = result.attention.assign(site=result.attention["site"].where(~result.attention["site"].str.startswith("#"), "middle variables"))
     per_layer = per_layer.groupby(["site", "layer"])["lift"].max().unstack(0)
@@ -394,16 +411,18 @@ def shortcut_figure(result: ShortcutResult) -> go.Figure:
         figure.add_trace(go.Scatter(x=per_layer.index, y=per_layer[site], name=site, mode="lines+markers",
                                     line_color=line[site]), row=2, col=1)
     depths = list(result.through_chain)
-    figure.add_trace(go.Bar(x=[f"#{k}" for k in depths], y=[result.through_chain[k] for k in depths],
-                            marker_color=[colour[k] for k in depths], showlegend=False,
-                            hovertemplate="%{x}: %{y:.2f}<extra></extra>"), row=2, col=2)
+    scores = [result.through_chain[k] for k in depths]
+    # a score of 0 (the shortcut's answer) draws no bar: every bar carries its number, or why it has none
+    figure.add_trace(go.Bar(x=[f"#{k}" for k in depths], y=scores, marker_color=[colour[k] for k in depths],
+                            showlegend=False, text=[f"{v:.2f}" if v is not None else "no effect" for v in scores],
+                            textposition="outside", hovertemplate="%{x}: %{y:.2f}<extra></extra>"), row=2, col=2)
     figure.add_hline(y=THROUGH_CHAIN, line_dash="dot", row=2, col=2)
-    figure.update_yaxes(title="share of sentences", range=[0, 1.05], row=1, col=1)
+    figure.update_yaxes(title="share of sentences", range=[0, 1.2], row=1, col=1)  # room for the bars' numbers
     figure.update_yaxes(title="sentences", row=1, col=2)
     figure.update_yaxes(title="layer", row=1, col=3)
-    figure.update_xaxes(title="layer", row=2, col=1)
+    figure.update_xaxes(title="layer", dtick=1 if len(per_layer) <= 12 else None, row=2, col=1)
     figure.update_yaxes(title="lift over uniform", row=2, col=1)
-    figure.update_yaxes(title="normalised logit difference", range=[-0.1, 1.1], row=2, col=2)
+    figure.update_yaxes(title="normalised logit difference", range=[-0.1, 1.25], row=2, col=2)
     figure.update_layout(title=f"Shortcut detection: {result.verdict} (red: last variable, blue: middle)",
                          template="plotly_white", height=680, legend=dict(orientation="h", y=-0.12))
     return figure

@@ -151,6 +151,19 @@ def test_head_map_cells_show_label_and_lift_and_hover_names_the_head(task):
             assert heatmap.hovertext[layer][head].startswith(f"L{layer}H{head}: <b>{row.label}</b>")
 
 
+def test_head_map_of_a_shallow_model_fits_its_cells_text_and_its_legend(task):
+    model = small_model(task, n_layers=2)
+    report = classify_heads(model, task.sample(16, torch.Generator().manual_seed(2)), task, ablate=False)
+    report.scores.loc[0, "flag"] = "needs a look"  # a flagged cell has a third line, "check"
+    report.scores.loc[:3, "label"] = ["association", "manipulation", "chain step", "inert"]  # four legend entries
+    figure = report.plot()
+    margin = figure.layout.margin
+    plot_height = figure.layout.height - (100 if margin.t is None else margin.t) - (80 if margin.b is None else margin.b)
+    # 9 px text takes at least 11 px a line; plotly's legend at least 19 px an entry (else it scrolls)
+    assert plot_height / 2 >= 3 * 11
+    assert plot_height >= 19 * len([trace for trace in figure.data if trace.type == "scatter"]) >= 4 * 19
+
+
 def test_hardcoded_heads_are_labelled_with_their_fixed_pattern_and_ablate(task):
     model = small_model(task, n_layers=2, hardcoded=("association", "manipulation", None, None),
                         variable_offset=task.variable_offset)

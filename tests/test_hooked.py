@@ -206,3 +206,21 @@ def test_split_qkv_inputs_patch_one_heads_value_path(task, overrides):
     model.set_use_attn_in(True)
     assert torch.allclose(model(corrupted), logits, atol=1e-5)
     assert "use_attn_in" not in model.cfg.to_dict()
+
+
+def test_the_bridge_masks_padding_as_the_model_does(task):
+    model = perturbed(small_model(task))
+    model.set_task(task)
+    bridge = to_bridge(model)
+    long, short = "a=+1; b=-a; c=+b", "c=-1; a=+c"
+    tokens = model.to_tokens([long, short])
+    with torch.no_grad():
+        alone = model(model.to_tokens(short))[0]
+        n = len(alone)
+        for hooked in (model, bridge):
+            logits, cache = hooked.run_with_cache(tokens)
+            assert (hooked(tokens)[1, :n] - alone).abs().max() <= 1e-5
+            assert (logits[1, :n] - alone).abs().max() <= 1e-5 and cache["pattern", 1][1, :, :, n:].abs().max() == 0
+            assert (hooked(tokens[1])[0, :n] - alone).abs().max() <= 1e-5  # one unbatched row too
+        unmasked = bridge(tokens, attention_mask=torch.ones_like(tokens))  # a mask given is the mask used
+    assert (unmasked[1, :n] - alone).abs().max() > 1e-3

@@ -212,3 +212,48 @@ def test_predict_streams_every_sentence_in_each_format(capsys, tmp_path, monkeyp
     assert cli_main(["predict", "--ckpt", str(ckpt), "--file", str(path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 1 + int(batch.lengths.sum()) and len({len(line) for line in table}) == 1  # one aligned table
+
+
+def test_transformer_lens_head_output_patching_refuses_a_plus_b_i_model_whose_copy_it_would_leave(task):
+    from legointerp.model import ConfigError
+    from tests.test_model import identity_model
+
+    model = identity_model(task, n_layers=2)
+    pair = flip_sign(task, task.sample(4, torch.Generator().manual_seed(0)), 1)
+    metric = normalised_metric(model, pair)
+    _, clean_cache = model.run_with_cache(pair.clean.tokens)
+    with pytest.raises(ConfigError, match="hook_z.*patch blocks.0.attn.hook_identity_out as well"):
+        tl_patching.get_act_patch_attn_head_out_all_pos(model, pair.corrupted.tokens, clean_cache, metric)
+    # patching the copy along with z is the head's whole write: it restores the clean layer-0 attention output
+    patched = lambda name: lambda activation, hook: clean_cache[name]  # noqa: E731
+    names = ["blocks.0.attn.hook_z", "blocks.0.attn.hook_identity_out"]
+    with model.hooks(fwd_hooks=[(name, patched(name)) for name in names]):
+        _, cache = model.run_with_cache(pair.corrupted.tokens)
+    assert torch.allclose(cache["attn_out", 0], clean_cache["attn_out", 0], atol=1e-5)
+    # heads whose b is zero write all at z: TransformerLens's patching of them stands
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.b_I.zero_()
+    _, clean_cache = model.run_with_cache(pair.clean.tokens)
+    heads = tl_patching.get_act_patch_attn_head_out_all_pos(model, pair.corrupted.tokens, clean_cache, metric)
+    assert heads.shape == (2, 4) and heads.abs().max() > 0
+
+
+def test_patching_figure_clips_a_blown_up_gradient_estimate_so_the_other_cells_show():
+    from legointerp.patching import PatchingResult
+
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.rand(3, 8, generator=generator)  # effects up to ~1 over a corrupted score of 0
+    estimate = 0.5 * exact
+    result = PatchingResult(corruption="flip", positions=[str(p) for p in range(8)], resid_pre=exact,
+                            attribution_resid=estimate, head_z=None, attribution_head=None)
+    heatmap = result.plot().data[1]
+    assert heatmap.zmax == pytest.approx(float(estimate.abs().max()))  # its own scale: smaller than the exact one
+    blown = estimate.clone()
+    blown[0, 3], blown[1, 5] = 4e4, -30.0  # what the zoo's counter-at-bos gave: one cell at 4e4, a few at 5 to 30
+    result.attribution_resid = blown
+    figure = result.plot()
+    heatmap = figure.data[1]
+    assert heatmap.zmax == -heatmap.zmin <= 2 * float(exact.max())
+    assert (blown.abs() <= heatmap.zmax).float().mean() >= 0.9  # every other cell within the colours
+    assert "2 cells beyond" in figure.layout.annotations[1].text

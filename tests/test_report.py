@@ -206,3 +206,15 @@ def test_shortcut_section_points_at_a_head_counting_the_signs(inputs, analyses):
     assert "L1H3 at the last variable" in shortcut
     assert "No head is labelled operators" in visible_text(model_report(name="x.pt", checkpoint=inputs[2], log=inputs[4],
                                                                         analyses=analyses))
+
+
+def test_a_table_column_of_sentences_keeps_a_readable_width():
+    import pandas as pd
+
+    from legointerp.report import STYLE, frame_html
+
+    flag = "ablation costs 0.24 (resample) but the attention matches no kind"
+    page = frame_html(pd.DataFrame({"head": [0, 1], "label": ["diffuse", "structured"], "flag": [flag, ""]}))
+    cells = re.findall(r"<td class='([^']*)'>([^<]*)</td>", page)
+    assert (("wide", flag) in cells and ("", "diffuse") in cells and ("num", "0") in cells)
+    assert re.search(r"td\.wide \{ min-width: \d+em", STYLE)

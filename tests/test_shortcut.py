@@ -138,6 +138,21 @@ def test_shortcut_result_exports(verdicts):
     assert all(len(line) <= 26 for note in figure.layout.annotations for line in note.text.split("<br>"))
 
 
+def test_shortcut_figure_says_why_a_panel_or_bar_is_empty(verdicts):
+    from dataclasses import replace
+
+    _, result = verdicts["counter-at-bos"]
+    assert result.learned_at is None  # no training log beside a zoo model
+    figure = replace(result, through_chain={6: None, 7: 0.0, 8: 0.5}, counterfactual=None,
+                     resolution_layer=[1, None] + result.resolution_layer[2:]).plot()
+    notes = [note.text for note in figure.layout.annotations]
+    assert "no training log" in notes and any(note.startswith("not applicable") for note in notes)
+    assert all(len(line) <= 26 for note in notes for line in note.split("<br>"))
+    bars = [trace for trace in figure.data if trace.type == "bar"]
+    assert list(bars[-1].text) == ["no effect", "0.00", "0.50"]  # a score of 0 draws no bar: its number shows
+    assert list(bars[0].text)[:2] == ["", "never"]  # the probes' panel: depth 1 never resolved
+
+
 def test_shortcut_command_prints_json_and_refuses_short_chains(capsys, tmp_path):
     task = LegoTask(TaskConfig(n=6))
     model = small_model(task)
