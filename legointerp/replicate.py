@@ -866,6 +866,7 @@ def power_text(power: dict) -> str:
 def table(out: Path) -> str:
     """The Markdown table of every row present under ``out``, each row followed by its parts, figure and command."""
     rows = [load_row(key, out) for key in FINDINGS if (out / f"{key}.json").is_file()]
+    where = "docs/replication" if out.resolve() == REPLICATION_DIR else portable(str(out))
     lines = [TABLE_START, "", "| finding | the paper | measured | effect, 95% interval | verdict |",
              "| --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -889,7 +890,7 @@ def table(out: Path) -> str:
                   f"{ENDPOINT_EVALS} evaluations on {s['eval_size']:,} test sentences each, {row['cpu_minutes']:.0f} "
                   f"CPU-min of training in all. {power_text(row['power'])}.", "",
                   f"Rerun from scratch: `legointerp replicate {row['finding']} --scale {s['name']} --jobs 2 "
-                  f"--out {portable(str(out))}` (finished runs under `--runs` are reused). This row was made by "
+                  f"--out {where}` (finished runs under `--runs` are reused). This row was made by "
                   f"`{row['command']}`."]
     return "\n".join(lines + ["", TABLE_END])
 
