@@ -53,6 +53,7 @@ cache (:class:`LegoActivationCache`) refuses them;
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
@@ -740,9 +741,8 @@ def unrolled(model: LegoTransformer, iterations: int) -> LegoTransformer:
     if iterations < 1:
         raise ConfigError(f"iterations={iterations} must be 1 or more")
     twin = LegoTransformer(replace(model.cfg, n_layers=iterations, min_depth=None))
-    shared = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("blocks.")
-              or name.startswith("blocks.0.")}
-    twin.load_state_dict(shared, strict=False)  # every block of the twin is block 0
+    source = model.state_dict()
+    twin.load_state_dict({name: source[re.sub(r"^blocks\.\d+\.", "blocks.0.", name)] for name in twin.state_dict()})
     if model.task is not None:
         twin.set_task(model.task)
     return twin.to(next(model.parameters()).device).eval()

@@ -29,7 +29,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from scipy.stats import linregress, spearmanr
+from scipy.stats import linregress
 
 from legointerp.checkpoint import load_model
 from legointerp.errors import LegoInterpError
@@ -456,14 +456,13 @@ MIN_DEPTHS = 5  # R3: a straight line through fewer resolved depths says little
 
 
 def _line(resolution: list[int | None]) -> dict:
-    """Straight-line fit of resolution layer on depth over the resolved depths: slope, R^2, Spearman's rho."""
+    """Straight-line fit of resolution layer on depth over the resolved depths: slope and R^2."""
     depths = [d for d, layer in enumerate(resolution) if layer is not None]
     layers = [resolution[d] for d in depths]
     if len(depths) < 2 or len(set(layers)) < 2:
-        return {"resolved": len(depths), "slope": 0.0 if len(depths) >= 2 else None, "r2": None, "spearman": None}
+        return {"resolved": len(depths), "slope": 0.0 if len(depths) >= 2 else None, "r2": None}
     fit = linregress(depths, layers)
-    return {"resolved": len(depths), "slope": float(fit.slope), "r2": float(fit.rvalue ** 2),
-            "spearman": float(spearmanr(depths, layers).statistic)}
+    return {"resolved": len(depths), "slope": float(fit.slope), "r2": float(fit.rvalue ** 2)}
 
 
 def r3(runs, scale):
@@ -479,7 +478,8 @@ def r3(runs, scale):
                                            result.threshold) if run.config.tied else None)
             models.append({"arm": arm, "seed": run.seed, "resolution": result.resolution_layer,
                            "control_resolution": resolution_layers(result.control, result.threshold),
-                           "truncated_resolution": truncated, **_line(result.resolution_layer)})
+                           "truncated_resolution": truncated, "spearman": result.linearity,
+                           **_line(result.resolution_layer)})
     family = {"ALBERT": ("albert", "albert-all"), "BERT": ("bert", "bert-all")}
     lines = {name: [m for m in models if m["arm"] in arms and m["resolved"] >= MIN_DEPTHS and m["r2"] is not None]
              for name, arms in family.items()}
