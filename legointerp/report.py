@@ -338,7 +338,7 @@ def analyse(model, task: LegoTask, checkpoint: Checkpoint, batch: LegoBatch, log
     """Every analysis of the page on ``batch`` (the head classifier on its first ``head_samples``, patching on its
     first ``patch_samples``, attention views of its first ``sentences``); ``progress`` is called after each of
     ``ANALYSIS_STEPS`` steps."""
-    accuracy = accuracy_by_position(model, batch).tolist()
+    accuracy = accuracy_by_position(model, batch)
     progress()
     heads = classify_heads(model, batch[:head_samples], task)
     progress()
@@ -346,12 +346,12 @@ def analyse(model, task: LegoTask, checkpoint: Checkpoint, batch: LegoBatch, log
     progress()
     patching = patch(model, batch[:patch_samples], task, corruption="sign", depth=0, heads=False)
     progress()
-    shortcut = detect_shortcut(model, batch, task, log=log, probes=probes)
+    shortcut = detect_shortcut(model, batch, task, log=log, probes=probes, accuracy=accuracy)
     progress()
     views = attention_views(model, batch, task, clearest_heads_by_kind(heads), sentences)
     progress()
     config = TrainConfig.from_dict(checkpoint.train_config) if checkpoint.train_config else None
-    return Analyses(samples=len(batch), accuracy=accuracy, counts=batch.valid.sum(0).tolist(),
+    return Analyses(samples=len(batch), accuracy=accuracy.tolist(), counts=batch.valid.sum(0).tolist(),
                     supervised=config.loss_mask().nonzero().flatten().tolist() if config else None, heads=heads,
                     views=views, percolation=probes, patching=patching, shortcut=shortcut)
 

@@ -281,10 +281,11 @@ def _fmt(value: float | None) -> str:
 
 
 def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] | None = None,
-                    probes: PercolationResult | None = None, attention_samples: int = 300,
-                    patching_samples: int = 200) -> ShortcutResult:
+                    probes: PercolationResult | None = None, accuracy: torch.Tensor | None = None,
+                    attention_samples: int = 300, patching_samples: int = 200) -> ShortcutResult:
     """Combine the five pieces of evidence on full-length sentences ``batch``.  ``log``: the training log's rows
-    (``legointerp.train.read_log``); ``probes``: a percolation result on this model, computed here if not given."""
+    (``legointerp.train.read_log``); ``probes`` (a percolation result) and ``accuracy`` ((n,) per chain position)
+    on this model and batch, each computed here if not given."""
     batch = batch.to(next(model.parameters()).device)
     n = batch.values.shape[1]
     if n < 4:
@@ -292,7 +293,7 @@ def detect_shortcut(model, batch: LegoBatch, task: LegoTask, *, log: list[dict] 
                         f"sentences of at least 4 clauses, these have {n}")
     middle = middle_depths(n)
     level = learned_level(task.n_classes)
-    last_accuracy = float(accuracy_by_position(model, batch)[-1])
+    last_accuracy = float((accuracy_by_position(model, batch) if accuracy is None else accuracy)[-1])
     rows = []
 
     if is_abelian(task):

@@ -126,7 +126,8 @@ def run_log(snapshots: list[Snapshot]) -> list[dict]:
 def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineOptions,
                      log: list[dict]) -> list[dict]:
     """Every measurement of one model on ``batch``, as timeline rows without step and samples."""
-    rows = [{"measure": "accuracy", "position": k, "value": a} for k, a in enumerate(accuracy_by_position(model, batch).tolist())]
+    accuracy = accuracy_by_position(model, batch)
+    rows = [{"measure": "accuracy", "position": k, "value": a} for k, a in enumerate(accuracy.tolist())]
     heads = classify_heads(model, batch[:options.head_samples], task, ablate=options.ablate).to_frame()
     for r in heads.itertuples():
         rows.append({"measure": "head", "layer": r.layer, "head": r.head, "label": r.label, "value": r.lift})
@@ -137,7 +138,7 @@ def analyse_snapshot(model, task: LegoTask, batch: LegoBatch, options: TimelineO
         rows += [{"measure": "probe", "position": k, "value": np.nan if layer is None else layer}
                  for k, layer in enumerate(probes.resolution_layer)]
     if options.shortcut and batch.values.shape[1] >= MIN_SHORTCUT_LENGTH:
-        result = detect_shortcut(model, batch, task, log=log or None, probes=probes,
+        result = detect_shortcut(model, batch, task, log=log or None, probes=probes, accuracy=accuracy,
                                  attention_samples=options.shortcut_samples, patching_samples=options.shortcut_samples)
         rows += [{"measure": "vote", "label": r.evidence, "value": np.nan if r.shortcut is None else float(r.shortcut)}
                  for r in result.evidence.itertuples()]
@@ -241,11 +242,14 @@ class Timeline:
         """Per chain position, the training sentences at the first snapshot whose accuracy reaches ``level`` (default:
         the shortcut detector's learned level, a quarter of the way from chance to 1) and stays there; NaN if never."""
         level = learned_level(self.n_classes) if level is None else level
-        accuracy = self.accuracy()
-        above = accuracy >= level
-        stays = above[::-1].cummin()[::-1]  # at this snapshot and every later one
-        return pd.Series({k: (stays.index[stays[k]].min() if stays[k].any() else np.nan) for k in accuracy.columns},
-                         name="samples")
+        return _lasting_from(self.accuracy() >= level)
+
+    def onsets(self, label: str) -> pd.Series:
+        """Per layer, the training sentences at the first snapshot from which some head of the layer carries ``label``
+        at every later snapshot (a flicker before it does not count: the rule of :meth:`left_chance`); NaN if never."""
+        heads = self.measure("head")
+        carries = heads.assign(carries=heads["label"] == label).groupby(["samples", "layer"])["carries"].any()
+        return _lasting_from(carries.unstack("layer")).rename_axis("layer")
 
     def votes(self) -> pd.DataFrame:
         """(snapshots, evidence) shortcut votes: 1 yes, 0 no, NaN abstains; the verdict in column ``verdict``."""
@@ -265,6 +269,14 @@ class Timeline:
     def to_records(self) -> list[dict]:
         return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
                 for row in self.frame.to_dict(orient="records")]
+
+
+def _lasting_from(holds: pd.DataFrame) -> pd.Series:
+    """Per column of ``holds`` ((snapshots, columns) booleans indexed by sentences seen), the first index from which
+    the column holds at every later snapshot; NaN where it does not hold at the last."""
+    lasting = holds[::-1].cummin()[::-1]
+    return pd.Series({c: (lasting.index[lasting[c]].min() if lasting[c].any() else np.nan) for c in holds.columns},
+                     name="samples")
 
 
 def _sentences_axis(figure: go.Figure, samples: pd.Index, **kwargs) -> None:

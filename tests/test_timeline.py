@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from legointerp.heads import LABEL_THRESHOLD, attention_patterns
 from legointerp.model import ConfigError
 from legointerp.shortcut import learned_level, middle_depths
 from legointerp.task import LegoTask, TaskConfig
-from legointerp.timeline import TimelineOptions, timeline
+from legointerp.timeline import Timeline, TimelineOptions, timeline
 from legointerp.train import TrainConfig, Trainer, snapshot_folder, snapshot_steps
 from legointerp.zoo import chain_follower
 
@@ -121,7 +122,7 @@ def emergence(tmp_path_factory):
 
 def test_each_chain_step_appears_where_its_attention_crosses_the_threshold(emergence, one_thread):
     batch = evaluate.test_batch(LegoTask(TASK), emergence.options.samples, seed=emergence.options.seed)
-    labels = emergence.result.labels()
+    labels, onsets = emergence.result.labels(), emergence.result.onsets("chain step")
     measured = torch.stack([chain_step_lifts(model, batch) for model in emergence.models])  # (snapshots, L)
     for layer in range(1, N):
         lifts = measured[:, layer].tolist()
@@ -130,6 +131,18 @@ def test_each_chain_step_appears_where_its_attention_crosses_the_threshold(emerg
         said = labels[f"L{layer}H0"].tolist()
         assert said.index("chain step") == crossed, (layer, lifts, said)
         assert all(label == "chain step" for label in said[crossed:])
+        assert onsets[layer] == 10 * crossed  # in sentences seen: the snapshots are 10 apart
+    assert np.isnan(onsets[0])  # layer 0 fetches the literal: never a chain step
+
+
+def test_an_onset_is_where_a_label_stays_not_where_it_first_flickers():
+    said = {1: ["diffuse", "chain step", "diffuse", "chain step", "chain step"],
+            2: ["diffuse", "diffuse", "chain step", "chain step", "diffuse"]}
+    rows = [{"step": t, "samples": 100 * t, "measure": "head", "layer": layer, "head": head, "position": None,
+             "label": said[layer][t] if head == 1 else "inert", "value": 0.0}
+            for t in range(5) for layer in said for head in (0, 1)]
+    onsets = Timeline(pd.DataFrame(rows, columns=timeline_module.COLUMNS), n=4, n_classes=2).onsets("chain step")
+    assert onsets[1] == 300 and np.isnan(onsets[2])  # layer 2 lost it at the last snapshot
 
 
 def test_depth_k_accuracy_and_its_probe_rung_rise_with_the_chain_step_of_layer_k(emergence):
