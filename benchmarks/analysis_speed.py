@@ -4,6 +4,7 @@ then the whole report (heads + probes + patching + shortcut + page) against its 
 against its 60 s goal.
 
     python benchmarks/analysis_speed.py [--ckpt model.pt] [--samples 1500] [--head-samples 120] [--patch-samples 16]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -29,6 +31,8 @@ from legointerp.shortcut import detect_shortcut
 from legointerp.timeline import timeline
 from legointerp.train import read_log
 
+from predict_speed import cpu_model, matmul_peak
+
 
 def timed(label: str, work):
     """Run ``work``, print its wall time; return its result and the seconds."""
@@ -45,10 +49,12 @@ def main():
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--head-samples", type=int, default=120)
     parser.add_argument("--patch-samples", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="timeline rounds, one process and all, alternating")
     args = parser.parse_args()
     model, task, _ = load_model(args.ckpt)
     batch = test_batch(task, args.samples, seed=0)
-    print(f"{torch.get_num_threads()} threads; {args.samples} sentences ({args.head_samples} for heads)")
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, fp32 matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s; "
+          f"{args.samples} sentences ({args.head_samples} for heads)")
     timed("heads (scores + ablations)", lambda: classify_heads(model, batch[: args.head_samples], task))
     probes, _ = timed("probes (trained + control)", lambda: percolation(model, batch, task))
     timed("patching (exact resid + attribution)",
@@ -62,11 +68,16 @@ def main():
         _, seconds = timed("legointerp report (all of it)", lambda: cli_main(argv))
     print(f"report: {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x)")
     jobs = os.cpu_count() or 1
+    serial, parallel = [], []
     with tempfile.TemporaryDirectory() as folder:
         run = write_interpolated_run(args.ckpt, model, Path(folder) / "run.snapshots", snapshots=20)
-        _, serial = timed("timeline, 20 snapshots, 1 process", lambda: timeline(run, cache=False))
-        _, seconds = timed(f"timeline, 20 snapshots, {jobs} processes", lambda: timeline(run, cache=False, jobs=jobs))
-    print(f"timeline: {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x); {serial / seconds:.2f}x faster than one process")
+        for _ in range(args.rounds):  # alternating, so that a change of load hits both alike
+            serial.append(timed("timeline, 20 snapshots, 1 process", lambda: timeline(run, cache=False))[1])
+            parallel.append(timed(f"timeline, 20 snapshots, {jobs} processes",
+                                  lambda: timeline(run, cache=False, jobs=jobs))[1])
+    seconds = statistics.median(parallel)
+    print(f"timeline (median of {args.rounds}): {seconds:.1f} s of the 60 s goal ({seconds / 60:.2f}x); "
+          f"{statistics.median(serial) / seconds:.2f}x faster than one process")
 
 
 def write_interpolated_run(ckpt, model, folder: Path, snapshots: int) -> Path:

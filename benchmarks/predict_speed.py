@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,16 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     a, b, bias = torch.randn(size, size), torch.randn(size, size), torch.zeros(size)
     best = min(_seconds(work) for work in (lambda: a @ b, lambda: linear(a, b, bias)) for _ in range(repeats))
     return 2 * size ** 3 / best
+
+
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it (``platform.processor()`` is empty on Linux)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def _seconds(work) -> float:
@@ -55,7 +66,7 @@ def main():
     batch = test_batch(task, args.lines, seed=0)
     peak = matmul_peak()
     flops = forward_flops(model.cfg, batch.tokens.shape[1], batch.clause_pos.shape[1])
-    print(f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e6:.0f} MFLOP per "
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e6:.0f} MFLOP per "
           f"sentence: at most {peak / flops:,.0f} sentences/s at that peak")
     forward = _seconds(lambda: predict(model, batch))
     print(f"forward pass       {args.lines / forward:9,.0f} sentences/s ({flops * args.lines / forward / peak:.0%} of peak)")
