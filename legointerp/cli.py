@@ -26,6 +26,7 @@ from legointerp.files import portable
 from legointerp.evaluate import accuracy_by_position, encode, predict_chunks, prediction_frame, test_batch
 from legointerp.model import forward_flops
 from legointerp.options import ANALYSIS_SAMPLES, COUNT, DEVICE, FRACTION, NON_NEGATIVE, SAMPLES, SEED, SEEDS, TRAIN_OPTIONS, output_file, output_folder
+from legointerp.threads import set_threads_for
 from legointerp.timeline import TimelineOptions
 from legointerp.train import PRESETS, Interrupted, TrainConfig, Trainer, read_log, snapshot_folder
 
@@ -162,6 +163,7 @@ def _train(args) -> None:
     config = replace(PRESETS[args.preset], **overrides)
     trainer = Trainer(config, args.out, resume=args.resume, force=args.force, compile=args.compile,
                       progress=not args.quiet, command=_command())
+    set_threads_for(trainer.model.cfg, trainer.device)  # as every command that runs a model: LEGOINTERP_THREADS wins
     if trainer.rank == 0:
         cfg = trainer.model.cfg
         learned = forward_flops(replace(cfg, hardcoded=()))

@@ -198,7 +198,17 @@ def timeline(sources: str | os.PathLike | Iterable[str | os.PathLike], options: 
                        for s in snapshots], ignore_index=True)[COLUMNS]
     frame["value"] = frame["value"].astype(float)
     frame[["layer", "head", "position"]] = frame[["layer", "head", "position"]].astype("Int64")
-    return Timeline(frame, n=task.config.n, n_classes=task.n_classes)
+    return Timeline(frame, n=task.config.n, n_classes=task.n_classes, admitted=curriculum_admissions(log, task.config.n))
+
+
+def curriculum_admissions(log: list[dict], n: int) -> pd.Series | None:
+    """Per chain depth k, the training sentences at the first logged evaluation whose curriculum trained on chains of
+    k + 1 clauses or more (depth k), NaN if none did; known to the log's resolution (``eval_every``).  None without a
+    log, or when every evaluation saw every depth (no curriculum)."""
+    if not log or all(row["longest_chain"] >= n for row in log):
+        return None
+    return pd.Series({k: next((row["samples"] for row in log if row["longest_chain"] >= k + 1), np.nan) for k in range(n)},
+                     name="samples", dtype=float).rename_axis("depth")
 
 
 @dataclass
@@ -206,6 +216,7 @@ class Timeline:
     frame: pd.DataFrame  # long format, columns COLUMNS (see the module docstring)
     n: int  # chain length
     n_classes: int
+    admitted: pd.Series | None = None  # per depth, when the run's curriculum admitted it (curriculum_admissions)
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame
@@ -262,6 +273,8 @@ class Timeline:
         """The four pictures of the timeline, by name."""
         figures = {"accuracy": accuracy_timeline_figure(self), "heads": head_kinds_timeline_figure(self),
                    "probes": probe_ladder_figure(self)}
+        if self.onsets("chain step").notna().any():
+            figures["chain steps"] = chain_steps_figure(self)
         if not self.measure("vote").empty:
             figures["shortcut"] = shortcut_votes_figure(self)
         return figures
@@ -353,6 +366,32 @@ def head_kinds_timeline_figure(timeline: Timeline) -> go.Figure:
     figure.update_layout(title="Head kinds over training (drag the slider; the last snapshot shown)", template="plotly_white",
                          xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1, autorange="reversed"),
                          sliders=[slider], height=260 + 34 * n_layers, width=520 + 90 * n_heads)
+    return figure
+
+
+def chain_steps_figure(timeline: Timeline) -> go.Figure:
+    """Per chain depth k: when the curriculum admitted it, when layer k's chain-step head formed for good (its onset)
+    and when #k's accuracy left chance for good.  A model that takes one step per layer has each depth's onset at or
+    before its accuracy leaving chance."""
+    depths = list(range(1, timeline.n))
+    marks = [("curriculum admits depth {k}", timeline.admitted, "circle-open", "#777777"),
+             ("layer {k} has a chain-step head from here on", timeline.onsets("chain step"), "square", COLOURS["chain step"]),
+             ("#{k} leaves chance for good", timeline.left_chance(), "diamond", "#1f77b4")]
+    figure = go.Figure()
+    samples = timeline.accuracy().index
+    for i, (name, at, symbol, colour) in enumerate(marks):
+        if at is None:
+            continue
+        at = at.reindex(depths)
+        x = np.where(at.isna(), np.nan, _log_x(pd.Index(at.fillna(samples.max()))))
+        figure.add_trace(go.Scatter(x=x, y=np.array(depths) + 0.18 * (i - 1), mode="markers", name=name.format(k="k"),
+                                    marker=dict(symbol=symbol, size=11, color=colour, line=dict(width=2, color=colour)),
+                                    customdata=depths,
+                                    hovertemplate=name.format(k="%{customdata}") + " at %{x:,.0f} sentences<extra></extra>"))
+    _sentences_axis(figure, samples)
+    figure.update_layout(title="Chain steps, depth by depth: admitted, formed (layer k), answered (#k)",
+                         yaxis=dict(title="chain depth k", dtick=1, range=[0.5, timeline.n - 0.5]),
+                         template="plotly_white", height=200 + 28 * len(depths), legend=dict(orientation="h", y=-0.2))
     return figure
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from legointerp.checkpoint import load_model
+from legointerp.cli import main
 from legointerp.errors import LegoInterpError
 from legointerp.model import ModelConfig
 from legointerp.threads import threads_for
+from legointerp.train import read_log
 
 SMALL = ModelConfig(d_vocab=20, d_vocab_out=2, n_ctx=62, d_model=64, d_mlp=256)
 
@@ -43,6 +45,18 @@ def test_a_small_model_runs_on_one_thread_on_a_busy_machine_unless_the_environme
     restore_threads.setenv("OMP_NUM_THREADS", "2")
     load_model()
     assert torch.get_num_threads() == 2  # the user's OpenMP choice stands
+
+
+def test_training_follows_the_same_rule_and_logs_its_threads(restore_threads, tmp_path):
+    machine(restore_threads, cores=2, load=3.0)
+    out = tmp_path / "m.pt"
+    for setting, threads in (("", 1), ("2", 2)):
+        restore_threads.setenv("LEGOINTERP_THREADS", setting)
+        torch.set_num_threads(2 if threads == 1 else 1)  # the other count, so the rule must set it
+        assert main(["train", "--quiet", "--force", "--out", str(out), "--length", "4", "--d-model", "16", "--n-heads",
+                     "2", "--n-layers", "2", "--d-mlp", "32", "--batch-size", "16", "--steps", "2", "--eval-every", "2",
+                     "--eval-size", "16", "--device", "cpu", "--mimic-steps", "0", "--no-curriculum"]) == 0
+        assert read_log(out)[-1]["threads"] == threads, setting
 
 
 def test_a_small_model_gets_the_idle_cores(restore_threads):

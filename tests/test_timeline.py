@@ -18,7 +18,7 @@ from legointerp.heads import LABEL_THRESHOLD, attention_patterns
 from legointerp.model import ConfigError
 from legointerp.shortcut import learned_level, middle_depths
 from legointerp.task import LegoTask, TaskConfig
-from legointerp.timeline import Timeline, TimelineOptions, timeline
+from legointerp.timeline import Timeline, TimelineOptions, curriculum_admissions, timeline
 from legointerp.train import TrainConfig, Trainer, snapshot_folder, snapshot_steps
 from legointerp.zoo import chain_follower
 
@@ -98,14 +98,20 @@ def emerging_run(folder) -> list:
     return models
 
 
-def chain_step_lifts(model, batch) -> torch.Tensor:
-    """(L,) head 0 of each layer: attention from each clause's variable (chain position k >= 1) to the variable of
-    clause k - 1, which defines its operand, as a lift over uniform attention; from the chain's positions alone."""
-    pattern = attention_patterns(model, batch)[:, :, 0]  # (L, B, Q, K)
-    rows = torch.arange(len(batch))[:, None]
-    mass = pattern[:, rows, batch.clause_pos[:, 1:], batch.clause_pos[:, :-1]]  # (L, B, n - 1)
+def parent_lifts(model, batch, query: str = "variable") -> torch.Tensor:
+    """(L, H) attention from each clause's ``query`` token ("variable" or "operand"; chain position k >= 1) to the
+    variable of clause k - 1, which defines its operand, as a lift over uniform attention, from the chain's positions
+    alone: from the variable it is a chain step, from the operand it is association (the identical token)."""
+    pattern = attention_patterns(model, batch).permute(1, 3, 4, 0, 2)  # (B, Q, K, L, H)
+    queries = (batch.clause_pos if query == "variable" else batch.operand_pos)[:, 1:]
+    mass = pattern[torch.arange(len(batch))[:, None], queries, batch.clause_pos[:, :-1]]  # (B, n - 1, L, H)
     uniform = 1 / batch.tokens.shape[1]
-    return (mass.mean((1, 2)) - uniform) / (1 - uniform)
+    return (mass.mean((0, 1)) - uniform) / (1 - uniform)
+
+
+def chain_step_lifts(model, batch) -> torch.Tensor:
+    """(L,) head 0 of each layer: its chain step's lift (:func:`parent_lifts`)."""
+    return parent_lifts(model, batch)[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +151,13 @@ def test_an_onset_is_where_a_label_stays_not_where_it_first_flickers():
     assert onsets[1] == 300 and np.isnan(onsets[2])  # layer 2 lost it at the last snapshot
 
 
+def test_the_curriculum_admits_depth_k_where_the_log_first_trains_chains_of_k_plus_1():
+    log = [{"samples": 100, "longest_chain": 2}, {"samples": 200, "longest_chain": 3}, {"samples": 300, "longest_chain": 3}]
+    admitted = curriculum_admissions(log, n=4)
+    assert admitted[:3].tolist() == [100, 100, 200] and np.isnan(admitted[3])
+    assert curriculum_admissions([{"samples": 1, "longest_chain": 4}], n=4) is None and curriculum_admissions([], n=4) is None
+
+
 def test_depth_k_accuracy_and_its_probe_rung_rise_with_the_chain_step_of_layer_k(emergence):
     result = emergence.result
     labels, accuracy, ladder = result.labels(), result.accuracy(), result.probe_ladder()
@@ -171,7 +184,9 @@ def test_the_timeline_is_tidy_cached_and_drawn(emergence, monkeypatch, one_threa
     again = timeline(emergence.folder, emergence.options)
     assert again.to_frame().equals(frame)
     figures = result.figures()
-    assert set(figures) == {"accuracy", "heads", "probes"}
+    assert set(figures) == {"accuracy", "heads", "probes", "chain steps"}
+    formed = figures["chain steps"].data[0]  # no log, so no curriculum: the onsets come first
+    assert formed.name.startswith("layer k has a chain-step head") and list(formed.x) == emergence.result.onsets("chain step")[1:].tolist()
     assert len(figures["heads"].frames) == frame["step"].nunique()
     assert {trace.name for trace in figures["accuracy"].data} >= {f"#{k}" for k in range(N)}
 
