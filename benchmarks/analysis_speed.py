@@ -53,7 +53,7 @@ def main():
     args = parser.parse_args()
     model, task, _ = load_model(args.ckpt)
     batch = test_batch(task, args.samples, seed=0)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, fp32 matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s; "
+    print(f"{cpu_model()}, intra-op threads {torch.get_num_threads()}, fp32 matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s; "
           f"{args.samples} sentences ({args.head_samples} for heads)")
     timed("heads (scores + ablations)", lambda: classify_heads(model, batch[: args.head_samples], task))
     probes, _ = timed("probes (trained + control)", lambda: percolation(model, batch, task))

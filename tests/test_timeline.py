@@ -98,15 +98,24 @@ def emerging_run(folder) -> list:
     return models
 
 
-def parent_lifts(model, batch, query: str = "variable") -> torch.Tensor:
-    """(L, H) attention from each clause's ``query`` token ("variable" or "operand"; chain position k >= 1) to the
-    variable of clause k - 1, which defines its operand, as a lift over uniform attention, from the chain's positions
-    alone: from the variable it is a chain step, from the operand it is association (the identical token)."""
+def attention_mass(model, batch, queries: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
+    """(L, H) mean attention mass from the (B, m) ``queries`` positions onto the (B, m) ``keys`` positions (summed over
+    the key sets), from the patterns and the chain's positions alone."""
     pattern = attention_patterns(model, batch).permute(1, 3, 4, 0, 2)  # (B, Q, K, L, H)
-    queries = (batch.clause_pos if query == "variable" else batch.operand_pos)[:, 1:]
-    mass = pattern[torch.arange(len(batch))[:, None], queries, batch.clause_pos[:, :-1]]  # (B, n - 1, L, H)
-    uniform = 1 / batch.tokens.shape[1]
-    return (mass.mean((0, 1)) - uniform) / (1 - uniform)
+    rows = torch.arange(len(batch))[:, None]
+    return sum(pattern[rows, queries, key] for key in keys).mean((0, 1))  # (B, m, L, H) -> (L, H)
+
+
+def as_lift(mass: torch.Tensor, batch, keys: int = 1) -> torch.Tensor:
+    """Mass on ``keys`` keys per query as a lift over a uniform head on full-length sentences."""
+    uniform = keys / batch.tokens.shape[1]
+    return (mass - uniform) / (1 - uniform)
+
+
+def parent_lifts(model, batch) -> torch.Tensor:
+    """(L, H) attention from each clause's variable (chain position k >= 1) to the variable of clause k - 1, which
+    defines its operand, as a lift: a chain step."""
+    return as_lift(attention_mass(model, batch, batch.clause_pos[:, 1:], batch.clause_pos[:, :-1]), batch)
 
 
 def chain_step_lifts(model, batch) -> torch.Tensor:
@@ -244,6 +253,40 @@ def test_a_real_run_in_the_shortcut_regime_turns_to_shortcut_when_the_last_posit
     # the verdict's turn, checked by the behavioural vote alone: at the run's end the rewired sentences are answered
     # by the count (at 5088 the count share, ~0.7, sits at the vote's bar)
     assert votes["counterfactual"].iloc[-1] == 1.0 and votes["counterfactual"].iloc[0] != 1.0
+
+
+BUNDLED_RUN = Path(__file__).parent / "data" / "bundled-run" / "model.snapshots"
+
+
+def test_the_bundled_recipe_rerun_follows_its_chain_without_chain_step_heads(one_thread):
+    """A rerun of the bundled recipe (seed 1, --snapshot-every 125; README's bundled-recipe check): three of its
+    snapshots ship here with its log, before any depth past 0 left chance, mid-curriculum, and after every depth left
+    chance.  The check's rule fails at its first part: no head of any layer is ever a chain step.  Checked here
+    against the attention itself, from the chain's positions alone, and so is what does the chain's lookup instead:
+    association heads, the operand attending to its identical token, the variable of the clause defining it."""
+    result = timeline(BUNDLED_RUN, TimelineOptions(probes=False, shortcut=False), cache=False)
+    task = load_checkpoint(next(BUNDLED_RUN.glob("step-*.pt"))).build_task()
+    batch = evaluate.test_batch(task, 120, seed=2024)
+    depths = list(range(1, result.n))
+    left = result.left_chance()[depths]
+    assert left.notna().all()  # every depth leaves chance by the last snapshot
+    assert result.onsets("chain step").isna().all() and not (result.labels() == "chain step").any().any()
+    labels = result.measure("head")
+    for step, path in zip(sorted(labels["step"].unique()), sorted(BUNDLED_RUN.glob("step-*.pt"))):
+        model = load_checkpoint(path).build_model()
+        assert parent_lifts(model, batch).max() < LABEL_THRESHOLD  # no head steps along the chain
+        said = labels[labels["step"] == step]
+        association = said[(said["label"] == "association") & (said["layer"] >= 1)]
+        where = association["layer"].to_numpy(int), association["head"].to_numpy(int)
+        # a chain's operand has two identical tokens: itself and the variable of the clause defining it
+        operand, parent = batch.operand_pos[:, 1:], batch.clause_pos[:, :-1]
+        on_parent = attention_mass(model, batch, operand, parent)[where]
+        on_itself = attention_mass(model, batch, operand, operand)[where]
+        assert (as_lift(on_parent + on_itself, batch, keys=2) >= LABEL_THRESHOLD).all(), step
+        assert (on_parent > on_itself).all(), step  # and it is the lookup: most of it on the defining variable
+    assert len(association) >= result.n // 2  # at the end, in most layers
+    admitted = result.admitted[depths]
+    assert admitted.is_monotonic_increasing and (admitted <= left).all()  # the curriculum admits before each is answered
 
 
 def test_the_report_of_a_run_with_snapshots_tells_how_it_was_learned(tmp_path, one_thread):
