@@ -270,7 +270,8 @@ class Timeline:
         return votes.assign(verdict=verdict)
 
     def figures(self) -> dict[str, go.Figure]:
-        """The four pictures of the timeline, by name."""
+        """The timeline's pictures by name: accuracy, heads and probes; "chain steps" once some layer has a chain-step
+        head; "shortcut" where the detector voted."""
         figures = {"accuracy": accuracy_timeline_figure(self), "heads": head_kinds_timeline_figure(self),
                    "probes": probe_ladder_figure(self)}
         if self.onsets("chain step").notna().any():
