@@ -98,11 +98,12 @@ def emerging_run(folder) -> list:
     return models
 
 
-def attention_mass(model, batch, queries: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
-    """(L, H) mean attention mass from the (B, m) ``queries`` positions onto the (B, m) ``keys`` positions (summed over
-    the key sets), from the patterns and the chain's positions alone."""
-    pattern = attention_patterns(model, batch).permute(1, 3, 4, 0, 2)  # (B, Q, K, L, H)
-    rows = torch.arange(len(batch))[:, None]
+def attention_mass(pattern: torch.Tensor, queries: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
+    """(L, H) mean attention mass of ``pattern`` ((L, B, H, Q, K), :func:`attention_patterns`) from the (B, m)
+    ``queries`` positions onto the (B, m) ``keys`` positions (summed over the key sets): from the chain's positions
+    alone."""
+    pattern = pattern.permute(1, 3, 4, 0, 2)  # (B, Q, K, L, H)
+    rows = torch.arange(pattern.shape[0])[:, None]
     return sum(pattern[rows, queries, key] for key in keys).mean((0, 1))  # (B, m, L, H) -> (L, H)
 
 
@@ -112,15 +113,15 @@ def as_lift(mass: torch.Tensor, batch, keys: int = 1) -> torch.Tensor:
     return (mass - uniform) / (1 - uniform)
 
 
-def parent_lifts(model, batch) -> torch.Tensor:
+def parent_lifts(pattern: torch.Tensor, batch) -> torch.Tensor:
     """(L, H) attention from each clause's variable (chain position k >= 1) to the variable of clause k - 1, which
     defines its operand, as a lift: a chain step."""
-    return as_lift(attention_mass(model, batch, batch.clause_pos[:, 1:], batch.clause_pos[:, :-1]), batch)
+    return as_lift(attention_mass(pattern, batch.clause_pos[:, 1:], batch.clause_pos[:, :-1]), batch)
 
 
 def chain_step_lifts(model, batch) -> torch.Tensor:
     """(L,) head 0 of each layer: its chain step's lift (:func:`parent_lifts`)."""
-    return parent_lifts(model, batch)[:, 0]
+    return parent_lifts(attention_patterns(model, batch), batch)[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +263,8 @@ def test_the_bundled_recipe_rerun_follows_its_chain_without_chain_step_heads(one
     """A rerun of the bundled recipe (seed 1, --snapshot-every 125; README's bundled-recipe check): three of its
     snapshots ship here with its log, before any depth past 0 left chance, mid-curriculum, and after every depth left
     chance.  The check's rule fails at its first part: no head of any layer is ever a chain step.  Checked here
-    against the attention itself, from the chain's positions alone, and so is what does the chain's lookup instead:
-    association heads, the operand attending to its identical token, the variable of the clause defining it."""
+    against the attention itself, from the chain's positions alone, and so is how the heads attend along the chain
+    instead: association heads, the operand attending to its identical token, the variable of the clause defining it."""
     result = timeline(BUNDLED_RUN, TimelineOptions(probes=False, shortcut=False), cache=False)
     task = load_checkpoint(next(BUNDLED_RUN.glob("step-*.pt"))).build_task()
     batch = evaluate.test_batch(task, 120, seed=2024)
@@ -273,15 +274,15 @@ def test_the_bundled_recipe_rerun_follows_its_chain_without_chain_step_heads(one
     assert result.onsets("chain step").isna().all() and not (result.labels() == "chain step").any().any()
     labels = result.measure("head")
     for step, path in zip(sorted(labels["step"].unique()), sorted(BUNDLED_RUN.glob("step-*.pt"))):
-        model = load_checkpoint(path).build_model()
-        assert parent_lifts(model, batch).max() < LABEL_THRESHOLD  # no head steps along the chain
+        pattern = attention_patterns(load_checkpoint(path).build_model(), batch)
+        assert parent_lifts(pattern, batch).max() < LABEL_THRESHOLD  # no head steps along the chain
         said = labels[labels["step"] == step]
         association = said[(said["label"] == "association") & (said["layer"] >= 1)]
         where = association["layer"].to_numpy(int), association["head"].to_numpy(int)
         # a chain's operand has two identical tokens: itself and the variable of the clause defining it
         operand, parent = batch.operand_pos[:, 1:], batch.clause_pos[:, :-1]
-        on_parent = attention_mass(model, batch, operand, parent)[where]
-        on_itself = attention_mass(model, batch, operand, operand)[where]
+        on_parent = attention_mass(pattern, operand, parent)[where]
+        on_itself = attention_mass(pattern, operand, operand)[where]
         assert (as_lift(on_parent + on_itself, batch, keys=2) >= LABEL_THRESHOLD).all(), step
         assert (on_parent > on_itself).all(), step  # and it is the lookup: most of it on the defining variable
     assert len(association) >= result.n // 2  # at the end, in most layers
